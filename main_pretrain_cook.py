@@ -1,0 +1,291 @@
+"""Pretraining entry point: args -> data -> model -> engine, for every mode (text_mlm, image_mim,
+image_text_itc). Launch with `torchrun --nproc_per_node=N main_pretrain_cook.py ...` (or under SLURM)."""
+import math
+import os
+import sys
+import time
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from custom_datasets.pretrain_data import build_pretrain_data
+from custom_datasets.tokenizer import load_tokenizer, tokenizer_from_state
+from engine_pretrain import EngineConfig, NonFiniteLoss, evaluate, train_one_epoch
+from models.loading import check_architecture, load_pretrained_weights
+from models.registry import create_model, model_config, model_names
+from models.trainable import configure_trainable
+from models.vlmo import ITC_LOSSES, MIM_TARGETS, MODES
+from util import dist as du
+from util.checkpoint import set_rng_state
+from util.checkpointer import Checkpointer, NonFiniteCheckpoint
+from util.config import make_parser, parse_with_config, write_args_json
+from util.errors import UserError
+from util.logger import LOG, RunLog, setup_logging
+from util.optim_factory import build_adamw
+from util.resume import plan_resume
+
+DEFAULT_TOKENIZER = "checkpoints/tokenizer/"
+
+
+def get_args_parser():
+    p = make_parser("Pretrain a VLMo-style multiway transformer")
+    g = p.add_argument_group("run")
+    g.add_argument("--exp_name", default="text_mlm", help="run name; selects the mode unless --mode is given")
+    g.add_argument("--mode", default=None, choices=MODES)
+    g.add_argument("--output_dir", default="outputs/run")
+    g.add_argument("--log_dir", default=None, help="TensorBoard folder (default: --output_dir)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--log_freq", type=int, default=20, help="optimizer steps between log lines")
+    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto: bf16 autocast on CUDA, fp32 on CPU")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    g.add_argument("--dist_backend", default=None, help="default: nccl with CUDA, gloo on CPU")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="vlmo_base_patch16")
+    g.add_argument("--ffn_layout", default="multiway", choices=["multiway", "shared"])
+    g.add_argument("--img_size", type=int, default=None, help="default: the model's")
+    g.add_argument("--drop_path", type=float, default=0.1)
+    g = p.add_argument_group("data")
+    g.add_argument("--data_path", required=True)
+    g.add_argument("--val_data_path", default=None, help="held-out data evaluated at every epoch end")
+    g.add_argument("--tokenizer", default=None,
+                   help=f"vocab.txt, tokenizer.json or a folder; default: the resumed checkpoint's, else "
+                        f"{DEFAULT_TOKENIZER}")
+    g.add_argument("--do_lower_case", default=None, action="store_true")
+    g.add_argument("--no_lower_case", dest="do_lower_case", action="store_false")
+    g.add_argument("--max_text_len", type=int, default=196)
+    g.add_argument("--mlm_prob", type=float, default=0.15)
+    g.add_argument("--num_workers", type=int, default=8)
+    g.add_argument("--pin_mem", default=True, action=__import__("argparse").BooleanOptionalAction)
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--batch_size", type=int, default=64, help="per process, per accumulation step")
+    g.add_argument("--accum_iter", type=int, default=1)
+    g.add_argument("--epochs", type=int, default=100)
+    g.add_argument("--warmup_epochs", type=float, default=10)
+    g.add_argument("--blr", type=float, default=1.5e-4, help="lr = blr * effective batch / 256")
+    g.add_argument("--lr", type=float, default=None, help="absolute lr (overrides --blr)")
+    g.add_argument("--min_lr", type=float, default=1e-6)
+    g.add_argument("--weight_decay", type=float, default=0.05)
+    g.add_argument("--opt_betas", type=float, nargs=2, default=[0.9, 0.98])
+    g.add_argument("--clip_grad", type=float, default=None)
+    g = p.add_argument_group("LoRA and self-regularization")
+    g.add_argument("--lora_rank", type=int, default=0)
+    g.add_argument("--lora_alpha", type=float, default=1.0, help="scale = alpha / rank")
+    g.add_argument("--self_regularization", action="store_true")
+    g.add_argument("--reg_loss_weight", type=float, default=0.0)
+    g = p.add_argument_group("image modes")
+    g.add_argument("--mim_target", default="dalle", choices=MIM_TARGETS)
+    g.add_argument("--itc_loss", default="clip", choices=ITC_LOSSES)
+    g.add_argument("--lock_image", action="store_true")
+    g.add_argument("--lock_text", action="store_true")
+    g = p.add_argument_group("checkpoints")
+    g.add_argument("--resume", default="", help="training checkpoint, weights file, or 'auto'")
+    g.add_argument("--save_per_epochs", type=int, default=20, help="keep a copy every N epochs")
+    g.add_argument("--save_every_minutes", type=float, default=30.0)
+    g.add_argument("--save_every_steps", type=int, default=0)
+    return p
+
+
+def resolve_mode(args):
+    if args.mode:
+        return args.mode
+    for mode in MODES:
+        if args.exp_name == mode or args.exp_name.startswith(mode):
+            return mode
+    raise UserError(f"--exp_name {args.exp_name!r} does not name a mode ({', '.join(MODES)}); pass --mode")
+
+
+def parse_args(argv=None):
+    args = parse_with_config(get_args_parser(), argv)
+    args.mode = resolve_mode(args)
+    if args.model not in model_names():
+        raise UserError(f"--model {args.model!r} is unknown; known: {', '.join(model_names())}")
+    if args.data_path and not os.path.exists(args.data_path):
+        raise UserError(f"--data_path: not found: {args.data_path}")
+    if args.val_data_path and not os.path.exists(args.val_data_path):
+        raise UserError(f"--val_data_path: not found: {args.val_data_path}")
+    for flag in ("batch_size", "accum_iter", "epochs"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag} must be >= 1")
+    if args.lora_rank < 0:
+        raise UserError("--lora_rank must be >= 0")
+    if args.lock_image and args.lock_text:
+        raise UserError("--lock_image and --lock_text together leave nothing to train")
+    args.log_dir = args.log_dir or args.output_dir
+    return args
+
+
+def resolve_run_args(args, world_size):
+    """Fill in everything derived from the launch (once; saved to args.json, never changed after)."""
+    args.world_size = world_size
+    args.effective_batch_size = args.batch_size * args.accum_iter * world_size
+    if args.lr is None:
+        args.lr = args.blr * args.effective_batch_size / 256
+    args.use_self_regularization = bool(args.self_regularization and args.reg_loss_weight > 0 and args.lora_rank > 0)
+    return args
+
+
+def autocast_setup(precision, device):
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+    return dtype, scaler
+
+
+def load_run_tokenizer(args, plan):
+    state = plan.ckpt.get("tokenizer") if isinstance(plan.ckpt, dict) else None
+    if args.tokenizer is None and state:
+        LOG.info(f"tokenizer: inherited from {plan.path}")
+        return tokenizer_from_state(state)
+    path = args.tokenizer or DEFAULT_TOKENIZER
+    tok = load_tokenizer(path, do_lower_case=args.do_lower_case, max_len=args.max_text_len)
+    LOG.info(f"tokenizer: {path} ({tok.vocab_size} tokens, lower case {tok.do_lower_case})")
+    return tok
+
+
+def build_model(args, tokenizer, plan):
+    overrides = dict(vocab_size=tokenizer.vocab_size, ffn_layout=args.ffn_layout, drop_path_rate=args.drop_path,
+                     mim_target=args.mim_target, itc_loss=args.itc_loss, max_text_len=max(args.max_text_len, 196))
+    if args.img_size:
+        overrides["img_size"] = args.img_size
+    model = create_model(args.model, **overrides)
+    provided = []
+    if plan.kind == "weights":
+        report = load_pretrained_weights(model, plan.state_dict, plan.path, "--resume", plan.ckpt.get("model_config"))
+        provided = report["loaded"]
+        LOG.info(f"loaded {len(report['loaded'])} tensors from {plan.path}; resized {len(report['resized'])}; "
+                 f"newly initialised {len(report['missing'])}; unused {len(report['unused'])}"
+                 + (f"; dropped heads of another shape: {report['dropped']}" if report["dropped"] else ""))
+    elif plan.kind == "train":
+        check_architecture(plan.ckpt.get("model_config"), model.config, plan.path, "--resume")
+        provided = plan.ckpt.get("provided_keys", [])
+    groups = configure_trainable(model, args.mode, args.lora_rank, args.lora_alpha, provided, args.lock_image,
+                                 args.lock_text, args.reg_loss_weight if args.use_self_regularization else 0.0)
+    if plan.kind == "train":
+        try:
+            model.load_state_dict(plan.state_dict)
+        except RuntimeError as e:
+            raise UserError(f"--resume {plan.path}: does not match this run's model "
+                            f"({str(e).splitlines()[0]})") from None
+    return model, provided, groups
+
+
+def log_trainable(model, groups):
+    total = sum(p.numel() for p in model.parameters())
+    trainable = {g: sum(dict(model.named_parameters())[n].numel() for n in names) for g, names in groups.items()}
+    LOG.info(f"parameters: {total / 1e6:.2f}M total, {sum(trainable.values()) / 1e6:.3f}M trainable "
+             + ", ".join(f"{g} {n / 1e6:.3f}M ({len(groups[g])} tensors)" for g, n in sorted(trainable.items())))
+
+
+def main(argv=None):
+    try:
+        args = parse_args(argv)
+        return run(args, argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    finally:
+        du.cleanup()
+
+
+def run(args, argv):
+    env = du.init_distributed(args.dist_backend, "cpu" if args.device == "cpu" else None)
+    if args.device == "cuda" and env.device.type != "cuda":
+        raise UserError("--device cuda: no CUDA device is available")
+    resolve_run_args(args, env.world_size)
+    os.makedirs(args.output_dir, exist_ok=True)
+    setup_logging(args.output_dir, env.rank)
+    LOG.info(f"mode {args.mode} | model {args.model} ({args.ffn_layout}) | {env.world_size} process(es) via "
+             f"{env.launcher} on {env.device} | effective batch {args.effective_batch_size} | lr {args.lr:.3e}")
+    torch.manual_seed(args.seed + env.rank)
+    plan = plan_resume(args.output_dir, args.resume, args.mode)
+    LOG.info(plan.reason)
+    tokenizer = load_run_tokenizer(args, plan)
+    data = build_pretrain_data(args, tokenizer, env.rank, env.world_size)
+    steps_per_epoch = data.batches_per_epoch // args.accum_iter
+    if steps_per_epoch < 1:
+        raise UserError(f"--data_path: one epoch gives {data.batches_per_epoch} batches per process, fewer than "
+                        f"--accum_iter {args.accum_iter}")
+    model, provided, groups = build_model(args, tokenizer, plan)
+    log_trainable(model, groups)
+    model.to(env.device)
+    optimizer = build_adamw(model, args.lr, args.weight_decay, tuple(args.opt_betas))
+    autocast_dtype, scaler = autocast_setup(args.precision, env.device)
+    start_epoch, start_step, global_step = 0, 0, 0
+    if plan.kind == "train":
+        optimizer.load_state_dict(plan.ckpt["optimizer"])
+        if scaler is not None and plan.ckpt.get("scaler"):
+            scaler.load_state_dict(plan.ckpt["scaler"])
+        start_epoch, start_step = plan.ckpt["epoch"], plan.ckpt["step_in_epoch"]
+        global_step = plan.ckpt["global_step"]
+        rngs = plan.ckpt.get("rng") or []
+        if rngs:
+            set_rng_state(rngs[env.rank % len(rngs)])
+    ddp = DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None) \
+        if env.distributed else model
+    cfg = EngineConfig(args.mode, env.device, args.accum_iter, steps_per_epoch, args.epochs, args.batch_size, args.lr,
+                       args.min_lr, int(args.warmup_epochs * steps_per_epoch), args.clip_grad, autocast_dtype,
+                       args.log_freq)
+    if env.is_main:
+        write_args_json(os.path.join(args.output_dir, "args.json"), args, argv, env.world_size,
+                        {"model_config": model.config, "resumed_from": plan.path, "resume_kind": plan.kind,
+                         "steps_per_epoch": steps_per_epoch, "num_train": data.num_train, "num_val": data.num_val})
+
+    def build_state(epoch, step_in_epoch, step):
+        return {"model": model.state_dict(), "model_config": model.config, "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None, "epoch": epoch,
+                "step_in_epoch": step_in_epoch, "global_step": step, "mode": args.mode,
+                "batches_consumed": step_in_epoch * args.accum_iter, "args": _plain(vars(args)),
+                "provided_keys": list(provided), "tokenizer": tokenizer.to_state()}
+
+    checkpointer = Checkpointer(args.output_dir, build_state, env.device, args.save_per_epochs, args.save_every_steps,
+                                args.save_every_minutes)
+    run_log = RunLog(args.output_dir, args.log_dir, env.is_main)
+    post_step = _clamp_logit_scale(model) if args.mode == "image_text_itc" and args.itc_loss == "clip" else None
+    if start_epoch >= args.epochs:
+        LOG.info(f"nothing to do: the checkpoint is at epoch {start_epoch} of {args.epochs}")
+    LOG.info(f"training {args.epochs - start_epoch} epoch(s) of {steps_per_epoch} steps from epoch {start_epoch + 1} "
+             f"step {start_step + 1}; {data.num_train} training samples, {data.num_val} held out")
+    started = time.time()
+    try:
+        for epoch in range(start_epoch, args.epochs):
+            data.train_sampler.set_epoch(epoch, start=start_step * args.accum_iter * args.batch_size)
+            global_step = train_one_epoch(ddp, model, data.train_loader, optimizer, scaler, epoch, start_step,
+                                          global_step, cfg, post_step=post_step, checkpointer=checkpointer,
+                                          run_log=run_log)
+            start_step = 0
+            if data.val_loader is not None:
+                stats = evaluate(model, data.val_loader, cfg)
+                LOG.info(f"held-out after epoch {epoch + 1} ({data.num_val} items): "
+                         + " ".join(f"{k} {v:.4f}" for k, v in stats.items()))
+                run_log.write({"epoch": epoch + 1, **stats}, global_step, prefix="val")
+                if not all(math.isfinite(v) for v in stats.values()):
+                    raise NonFiniteLoss(f"non-finite held-out metrics after epoch {epoch + 1}: {stats}")
+            checkpointer.end_of_epoch(epoch, args.epochs, global_step)
+    except (NonFiniteLoss, NonFiniteCheckpoint) as e:
+        LOG.error(f"stopping: {e}")
+        raise SystemExit(3) from None
+    finally:
+        run_log.close()
+    LOG.info(f"done in {(time.time() - started) / 60:.1f} min; checkpoints in {args.output_dir}")
+    return 0
+
+
+def _clamp_logit_scale(model):
+    from models.contrastive import clamp_logit_scale_
+
+    return lambda: clamp_logit_scale_(model.logit_scale)
+
+
+def _plain(d):
+    """args as str/int/float/bool/None/list only (checkpoints load with weights_only=True)."""
+    out = {}
+    for k, v in d.items():
+        out[k] = v if isinstance(v, (str, int, float, bool, type(None))) else \
+            list(v) if isinstance(v, (list, tuple)) else str(v)
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())

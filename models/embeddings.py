@@ -1,0 +1,39 @@
+"""Input embeddings: image patches (16x16 conv, BEiT names) and BERT-style text embeddings."""
+import torch
+import torch.nn as nn
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, dim=768):
+        super().__init__()
+        if img_size % patch_size:
+            raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
+        self.grid_hw = (img_size // patch_size, img_size // patch_size)
+        self.num_patches = self.grid_hw[0] * self.grid_hw[1]
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, images):
+        """images [B, 3, H, W] -> [B, N, D]."""
+        return self.proj(images).flatten(2).transpose(1, 2)
+
+
+class TextEmbeddings(nn.Module):
+    """word + absolute position + token type, then LayerNorm (BERT layout)."""
+
+    def __init__(self, vocab_size, dim, max_len=196, type_vocab_size=2, drop=0.0):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(vocab_size, dim)
+        self.position_embeddings = nn.Embedding(max_len, dim)
+        self.token_type_embeddings = nn.Embedding(type_vocab_size, dim)
+        self.norm = nn.LayerNorm(dim, eps=1e-12)
+        self.drop = nn.Dropout(drop)
+        self.register_buffer("position_ids", torch.arange(max_len), persistent=False)
+
+    def forward(self, ids):
+        """ids [B, L] -> [B, L, D]."""
+        length = ids.shape[1]
+        if length > self.position_ids.numel():
+            raise ValueError(f"text of {length} tokens exceeds the model's {self.position_ids.numel()} positions")
+        x = self.word_embeddings(ids) + self.position_embeddings(self.position_ids[:length])
+        x = x + self.token_type_embeddings.weight[0]
+        return self.drop(self.norm(x))

@@ -1,0 +1,62 @@
+"""LoRA for nn.Linear: frozen W0, trainable A [r, in] and B [out, r] (B starts at 0), delta = B A * alpha / r.
+
+`LoRALinear` is an `nn.Linear`, so its base tensors keep the names `weight`/`bias` and BEiT/VLMo
+checkpoints load one-to-one; adapters appear as `lora_A`/`lora_B` only once enabled.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class LoRALinear(nn.Linear):
+    def __init__(self, in_features, out_features, bias=True):
+        super().__init__(in_features, out_features, bias=bias)
+        self.register_parameter("lora_A", None)
+        self.register_parameter("lora_B", None)
+        self.lora_scale = 0.0
+
+    @property
+    def has_lora(self):
+        return self.lora_A is not None
+
+    def enable_lora(self, rank, alpha=1.0):
+        """Add fresh adapters (output unchanged since B = 0) and freeze the base weight and bias."""
+        if self.has_lora:
+            raise RuntimeError("LoRA adapters are already enabled on this layer")
+        device, dtype = self.weight.device, self.weight.dtype
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=device, dtype=dtype))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.lora_scale = alpha / rank
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+
+    def lora_delta(self):
+        """delta W = B A * scale, [out, in]."""
+        return (self.lora_B @ self.lora_A) * self.lora_scale
+
+    def self_regularization(self):
+        """sum((W0 * delta)^2): importance-weighted L2 that keeps the adapted weight near W0 where W0 is large."""
+        return (self.weight * self.lora_delta()).pow(2).sum()
+
+    @torch.no_grad()
+    def merge_lora(self):
+        """Write W0 + delta into `weight` and remove the adapters (so nothing can apply them twice)."""
+        self.weight.add_(self.lora_delta().to(self.weight.dtype))
+        self.lora_A = None
+        self.lora_B = None
+        self.lora_scale = 0.0
+
+    def forward(self, x, use_lora=True):
+        out = F.linear(x, self.weight, self.bias)
+        if use_lora and self.lora_A is not None:
+            out = out + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.lora_scale
+        return out
+
+
+def lora_layers(model):
+    """(name, module) of every LoRALinear with adapters enabled."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear) and m.has_lora]

@@ -1,0 +1,86 @@
+"""Which parameters train in a run: the mode's path, LoRA on weights a checkpoint provided, locked towers.
+
+Called once, after weights are loaded and before the optimizer and DDP are built, so DDP never needs
+`find_unused_parameters` and the optimizer never holds frozen tensors.
+"""
+import re
+
+from models.lora import LoRALinear
+
+_SHARED = [r"blocks\.\d+\.norm1\.", r"blocks\.\d+\.attn\.(qkv|proj)\.", r"blocks\.\d+\.attn\.[qv]_bias$",
+           r"blocks\.\d+\.gamma_[12]$", r"blocks\.\d+\.(norm2|mlp)\.", r"norm\."]
+_IMAGE = [r"patch_embed\.", r"cls_token$", r"blocks\.\d+\.attn\.relative_position_bias_table$",
+          r"blocks\.\d+\.(norm2|mlp)_imag\."]
+_TEXT = [r"text_embeddings\.", r"blocks\.\d+\.(norm2|mlp)_text\."]
+_MODE_EXTRA = {
+    "text_mlm": [r"mlm_head\."],
+    "image_mim": [r"mask_token$", r"mim_head\."],
+    "image_text_itc": [r"itc_(image|text)_proj\.", r"logit_scale$", r"logit_bias$"],
+}
+
+
+def _matches(name, patterns):
+    return any(re.match(p, name) for p in patterns)
+
+
+def tower_of(name):
+    """'image', 'text', 'shared' (attention, final norm) or 'head' for a parameter name."""
+    if _matches(name, _SHARED):
+        return "shared"
+    if _matches(name, _IMAGE) or name.startswith("itc_image_proj."):
+        return "image"
+    if _matches(name, _TEXT) or name.startswith("itc_text_proj."):
+        return "text"
+    return "head"
+
+
+def on_mode_path(name, mode):
+    """True if the parameter takes part in `mode`'s forward pass."""
+    base = name.replace(".lora_A", ".weight").replace(".lora_B", ".weight")
+    paths = {"text_mlm": _SHARED + _TEXT, "image_mim": _SHARED + _IMAGE,
+             "image_text_itc": _SHARED + _IMAGE + _TEXT}[mode]
+    return _matches(base, paths + _MODE_EXTRA[mode])
+
+
+def configure_trainable(model, mode, lora_rank=0, lora_alpha=1.0, provided_keys=(), lock_image=False,
+                        lock_text=False, reg_loss_weight=0.0):
+    """Freeze/adapt parameters for a run and return {group: [names]} of what trains.
+
+    lora_rank > 0: every on-path weight the loaded checkpoint provided is frozen; LoRA adapters are added
+    to provided qkv/proj/fc1/fc2 layers; anything the checkpoint did not provide trains fully.
+    lock_image / lock_text (LiT): the tower is frozen; LoRA adapters act on the other modality only.
+    """
+    provided = set(provided_keys)
+    locked = {t for t, on in (("image", lock_image), ("text", lock_text)) if on}
+    if locked:
+        model.lora_modalities = {"image", "text", "vl"} - locked - {"vl"}
+
+    def trains(name):
+        if not on_mode_path(name, mode):
+            return False
+        tower = tower_of(name)
+        if tower in locked:
+            return False
+        if tower == "shared" and locked and mode == "image_text_itc":
+            return False  # shared attention serves the locked tower too; it may only adapt through LoRA
+        return True
+
+    for name, p in model.named_parameters():
+        p.requires_grad_(trains(name))
+    if lora_rank > 0:
+        for mod_name, module in model.named_modules():
+            if not isinstance(module, LoRALinear) or module.has_lora:
+                continue
+            key = f"{mod_name}.weight"
+            if key in provided and on_mode_path(key, mode) and tower_of(key) not in locked:
+                module.enable_lora(lora_rank, lora_alpha)
+        for name, p in model.named_parameters():
+            if name in provided:
+                p.requires_grad_(False)
+    model.reg_loss_weight = reg_loss_weight
+    groups = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            group = "lora" if ".lora_" in name else tower_of(name)
+            groups.setdefault(group, []).append(name)
+    return groups

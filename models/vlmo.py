@@ -1,0 +1,134 @@
+"""VLMo-style multiway transformer: one stack of shared attention blocks, FFN routed by modality."""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import trunc_normal_
+
+from models import objectives
+from models.embeddings import PatchEmbed, TextEmbeddings
+from models.heads import MLMHead
+from models.lora import LoRALinear
+from models.multiway_block import LayerNorm, MultiwayBlock
+
+MODES = ("text_mlm", "image_mim", "image_text_itc")
+ITC_LOSSES = ("clip", "siglip")
+MIM_TARGETS = ("dalle", "pixel")
+
+
+class VLMo(nn.Module):
+    """`config` is a plain dict (saved with checkpoints); see models/registry.py for the keys."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = dict(config)
+        c = self.config
+        if c["itc_loss"] not in ITC_LOSSES:
+            raise ValueError(f"itc_loss must be one of {ITC_LOSSES}, got {c['itc_loss']!r}")
+        if c["mim_target"] not in MIM_TARGETS:
+            raise ValueError(f"mim_target must be one of {MIM_TARGETS}, got {c['mim_target']!r}")
+        dim = c["embed_dim"]
+        self.patch_size = c["patch_size"]
+        self.patch_embed = PatchEmbed(c["img_size"], c["patch_size"], 3, dim)
+        self.grid_hw = self.patch_embed.grid_hw
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.text_embeddings = TextEmbeddings(c["vocab_size"], dim, c["max_text_len"], drop=c["drop_rate"])
+        dpr = [c["drop_path_rate"] * i / max(c["depth"] - 1, 1) for i in range(c["depth"])]
+        self.blocks = nn.ModuleList([
+            MultiwayBlock(dim, c["num_heads"], c["mlp_ratio"], c["ffn_layout"], has_vl_expert=i >= c["vl_start"],
+                          grid_hw=self.grid_hw, drop=c["drop_rate"], drop_path=dpr[i],
+                          layer_scale_init=c["layer_scale_init"])
+            for i in range(c["depth"])])
+        self.norm = LayerNorm(dim)
+        self.mlm_head = MLMHead(dim, c["vocab_size"])
+        mim_out = c["mim_vocab_size"] if c["mim_target"] == "dalle" else self.patch_size ** 2 * 3
+        self.mim_head = nn.Linear(dim, mim_out)
+        self.itc_image_proj = nn.Linear(dim, dim, bias=False)
+        self.itc_text_proj = nn.Linear(dim, dim, bias=False)
+        if c["itc_loss"] == "clip":
+            self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        else:
+            self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
+            self.logit_bias = nn.Parameter(torch.tensor(-10.0))
+        # Which modalities the LoRA adapters act on (LiT locks a tower: adapters then serve the other one only).
+        self.lora_modalities = {"image", "text", "vl"}
+        self.reg_loss_weight = 0.0
+        self.math_attention = False  # test oracle switch: plain softmax(QK^T)V instead of SDPA
+        self._init_weights()
+
+    def _init_weights(self):
+        for p in (self.cls_token, self.mask_token):
+            trunc_normal_(p, std=0.02)
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, LoRALinear)):
+                trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                trunc_normal_(m.weight, std=0.02)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        # BEiT's rescale: keeps the residual stream's variance independent of depth at init.
+        for i, block in enumerate(self.blocks):
+            block.attn.proj.weight.data.div_(math.sqrt(2.0 * (i + 1)))
+            for name in ("mlp", "mlp_imag", "mlp_text", "mlp_vl"):
+                if hasattr(block, name):
+                    getattr(block, name).fc2.weight.data.div_(math.sqrt(2.0 * (i + 1)))
+
+    # ---- feature extractors (last block output, before the final norm) ----
+    def _run_blocks(self, x, modality, attn_mask=None, use_rel_pos=False, text_len=None):
+        use_lora = modality in self.lora_modalities
+        for block in self.blocks:
+            x = block(x, modality, attn_mask=attn_mask, use_rel_pos=use_rel_pos, use_lora=use_lora,
+                      text_len=text_len, math_attention=self.math_attention)
+        return x
+
+    def forward_image_features(self, images, bool_masked_pos=None):
+        """images [B, 3, H, W], bool_masked_pos [B, N] or None -> [B, 1+N, D] (before the final norm)."""
+        x = self.patch_embed(images)
+        if bool_masked_pos is not None:
+            w = bool_masked_pos.unsqueeze(-1).type_as(x)
+            x = x * (1 - w) + self.mask_token.type_as(x) * w
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).type_as(x), x], dim=1)
+        return self._run_blocks(x, "image", use_rel_pos=True)
+
+    def forward_text_features(self, text_ids, text_masks):
+        """text_ids [B, L], text_masks [B, L] (1 = token, 0 = pad) -> [B, L, D] (before the final norm)."""
+        attn_mask = text_masks.bool()[:, None, None, :]
+        return self._run_blocks(self.text_embeddings(text_ids), "text", attn_mask=attn_mask)
+
+    def encode_image(self, images):
+        """[B, 3, H, W] -> L2-normalised [B, D] from the image CLS token."""
+        cls = self.norm(self.forward_image_features(images))[:, 0]
+        return F.normalize(self.itc_image_proj(cls), dim=-1)
+
+    def encode_text(self, text_ids, text_masks):
+        """[B, L] ids and mask -> L2-normalised [B, D] from the text CLS token."""
+        cls = self.norm(self.forward_text_features(text_ids, text_masks))[:, 0]
+        return F.normalize(self.itc_text_proj(cls), dim=-1)
+
+    # ---- training entry ----
+    def self_regularization_loss(self):
+        """reg_loss_weight * sum over adapted layers of sum((W0 * delta)^2)."""
+        layers = [m for m in self.modules() if isinstance(m, LoRALinear) and m.has_lora]
+        return self.reg_loss_weight * torch.stack([m.self_regularization() for m in layers]).sum()
+
+    def forward(self, samples, mode, loss_normalizer=None, reg_scale=1.0):
+        """One training step's losses. `samples` is the collated batch on the model's device.
+
+        loss_normalizer: denominator of token-summed losses (the global masked count divided by the world
+        size, so DDP's gradient averaging yields the gradient of the global mean); default: the local count.
+        reg_scale: multiplies the self-regularization term (1/accum_iter so accumulation adds it once).
+        Returns a dict with `loss` (differentiable) and detached named terms.
+        """
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+        out = getattr(objectives, mode)(self, samples, loss_normalizer)
+        if self.reg_loss_weight > 0 and any(isinstance(m, LoRALinear) and m.has_lora for m in self.modules()):
+            reg = self.self_regularization_loss()
+            out["loss"] = out["loss"] + reg * reg_scale
+            out["reg_loss"] = reg.detach()
+        return out

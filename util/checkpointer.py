@@ -1,0 +1,62 @@
+"""When to write the run's checkpoints, and writing them safely from every rank's point of view.
+
+Triggers: every epoch end (`checkpoint-latest.pth`), a kept copy every `save_per_epochs`, every
+`save_every_steps` optimizer steps, and every `save_every_minutes` of wall time. The time trigger is
+decided by rank 0 at log steps and broadcast, so ranks never disagree about entering a save (which
+gathers RNG states from every rank). A non-finite loss seen by any rank since the last save blocks it.
+"""
+import os
+import time
+
+import torch
+
+from util import dist as du
+from util.checkpoint import LATEST, rng_state, save_atomic
+from util.logger import LOG
+
+
+class NonFiniteCheckpoint(RuntimeError):
+    pass
+
+
+class Checkpointer:
+    def __init__(self, output_dir, build_state, device, save_per_epochs=0, save_every_steps=0,
+                 save_every_minutes=0.0):
+        """build_state(epoch, step_in_epoch, global_step) -> dict of everything but the RNG states."""
+        self.output_dir, self.build_state, self.device = output_dir, build_state, device
+        self.save_per_epochs, self.save_every_steps = save_per_epochs, save_every_steps
+        self.save_every_minutes = save_every_minutes
+        self.last_save = time.monotonic()
+        # Set by the training loop (on the device, no sync) when any step's loss is non-finite.
+        self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+
+    def after_step(self, epoch, step_in_epoch, global_step, is_log_step):
+        due = bool(self.save_every_steps) and global_step % self.save_every_steps == 0
+        if self.save_every_minutes and is_log_step:
+            late = time.monotonic() - self.last_save >= self.save_every_minutes * 60
+            due = du.broadcast_flag(late, self.device) or due
+        if due:
+            self.save(epoch, step_in_epoch, global_step)
+
+    def end_of_epoch(self, epoch, num_epochs, global_step):
+        """Latest checkpoint pointing at the next epoch; a kept copy every save_per_epochs and at the end."""
+        keep = (self.save_per_epochs and (epoch + 1) % self.save_per_epochs == 0) or epoch + 1 == num_epochs
+        self.save(epoch + 1, 0, global_step, keep_name=f"checkpoint-{epoch}.pth" if keep else None)
+
+    def save(self, epoch, step_in_epoch, global_step, keep_name=None):
+        bad = du.all_reduce_sum(self.nonfinite.to(torch.float32).reshape(1))
+        if bad.item() > 0:
+            raise NonFiniteCheckpoint(
+                f"a non-finite loss occurred before global step {global_step}; not writing a checkpoint over the "
+                "last good one. Lower --blr, set --clip_grad, or check the data, then resume with --resume auto.")
+        rngs = du.all_gather_objects(rng_state())
+        if du.rank() == 0:
+            state = self.build_state(epoch, step_in_epoch, global_step)
+            state["rng"] = rngs
+            save_atomic(state, os.path.join(self.output_dir, LATEST))
+            where = LATEST
+            if keep_name:
+                save_atomic(state, os.path.join(self.output_dir, keep_name))
+                where += f" and {keep_name}"
+            LOG.info(f"saved {where} (epoch {epoch}, step {step_in_epoch} of the epoch, global step {global_step})")
+        self.last_save = time.monotonic()

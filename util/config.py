@@ -1,0 +1,78 @@
+"""Command-line parsing with YAML defaults (`--config`), and run provenance for `args.json`."""
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+
+import yaml
+
+from util.errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises UserError (one line, no usage dump) instead of exiting."""
+
+    def error(self, message):
+        raise UserError(message)
+
+
+def make_parser(description):
+    p = _Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", default=None, help="YAML file of defaults (flags given on the command line win)")
+    return p
+
+
+def parse_with_config(parser, argv):
+    """Parse argv; values from `--config FILE` replace the parser's defaults, explicit flags still win."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre, _ = parser.parse_known_args(argv)
+    if pre.config:
+        if not os.path.isfile(pre.config):
+            raise UserError(f"--config: file not found: {pre.config}")
+        try:
+            with open(pre.config) as f:
+                values = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"--config {pre.config}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(values, dict):
+            raise UserError(f"--config {pre.config}: expected a mapping of flag names to values")
+        known = {a.dest for a in parser._actions}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise UserError(f"--config {pre.config}: unknown option(s) {unknown}")
+        parser.set_defaults(**values)
+    return parser.parse_args(argv)
+
+
+def git_commit():
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def library_versions():
+    versions = {"python": platform.python_version()}
+    for name in ("torch", "torchvision", "timm", "tokenizers", "safetensors", "numpy", "webdataset"):
+        try:
+            versions[name] = __import__(name).__version__
+        except Exception:  # noqa: BLE001 - an optional library missing is just not recorded
+            versions[name] = None
+    import torch
+    versions["cuda"] = torch.version.cuda
+    return versions
+
+
+def write_args_json(path, args, argv, world_size, extra=None):
+    record = {"args": vars(args), "argv": list(sys.argv if argv is None else argv), "world_size": world_size,
+              "git_commit": git_commit(), "versions": library_versions(), **(extra or {})}
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(record, f, indent=2, default=str)
+    os.replace(tmp, path)

@@ -1,0 +1,116 @@
+"""Distributed setup for torchrun and SLURM (srun) environments; nccl on CUDA, gloo on CPU."""
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    backend: str = ""
+    launcher: str = "none"
+
+    @property
+    def distributed(self):
+        return self.world_size > 1
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+
+def first_slurm_host(nodelist):
+    """'gpu[003-005,009],cpu01' -> 'gpu003' (first host of a SLURM nodelist)."""
+    first = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
+    if first is None:
+        raise ValueError(f"cannot parse SLURM_NODELIST={nodelist!r}")
+    prefix, ranges = first.group(1), first.group(3)
+    if ranges is None:
+        return prefix
+    return prefix + ranges.split(",")[0].split("-")[0]
+
+
+def read_launch_env(environ=None):
+    """(launcher, rank, world_size, local_rank) from torchrun's variables, else SLURM's, else a single process.
+
+    torchrun's variables win when both are present (srun wrapping torchrun); with SLURM alone, the
+    rendezvous address defaults to the job's first node, as torchrun would need it set anyway.
+    """
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return "torchrun", int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        rank, world = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
+        local = int(env.get("SLURM_LOCALID", 0))
+        env.setdefault("MASTER_ADDR", first_slurm_host(env.get("SLURM_NODELIST", "127.0.0.1")))
+        env.setdefault("MASTER_PORT", str(29500 + int(env.get("SLURM_JOB_ID", "0")) % 1000))
+        env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"] = str(rank), str(world), str(local)
+        return "slurm", rank, world, local
+    return "none", 0, 1, 0
+
+
+def init_distributed(backend=None, device=None):
+    """Initialise the process group (if launched with several processes) and pick this rank's device."""
+    launcher, rank, world, local = read_launch_env()
+    use_cuda = torch.cuda.is_available() and device != "cpu"
+    dev = torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(dev)
+    backend = backend or ("nccl" if use_cuda else "gloo")
+    if world > 1 and not dist.is_initialized():
+        kwargs = {"device_id": dev} if backend == "nccl" else {}
+        dist.init_process_group(backend=backend, rank=rank, world_size=world, **kwargs)
+    return DistEnv(rank, world, local, dev, backend if world > 1 else "", launcher)
+
+
+def is_dist():
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size():
+    return dist.get_world_size() if is_dist() else 1
+
+
+def rank():
+    return dist.get_rank() if is_dist() else 0
+
+
+def all_reduce_sum(t):
+    """In-place sum across ranks (no-op in a single process); returns t."""
+    if is_dist():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_gather_objects(obj):
+    """List of `obj` from every rank (in rank order)."""
+    if not is_dist():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_flag(flag, device):
+    """Rank 0's boolean, on every rank (decisions that must not diverge, like time-triggered saves)."""
+    if not is_dist():
+        return bool(flag)
+    t = torch.tensor([1 if flag else 0], device=device)
+    dist.broadcast(t, src=0)
+    return bool(t.item())
+
+
+def barrier():
+    if is_dist():
+        dist.barrier()
+
+
+def cleanup():
+    if is_dist():
+        dist.destroy_process_group()
