@@ -15,6 +15,9 @@ def train_loader(dataset, collate_fn, batch_size, rank, world_size, seed, num_wo
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn,
                         num_workers=num_workers, pin_memory=pin_memory and torch.cuda.is_available(),
                         drop_last=True, persistent_workers=num_workers > 0,
+                        # Own generator: worker seeding must not consume the model's RNG stream, or a
+                        # resumed run (which creates its iterator at another point) would diverge.
+                        generator=torch.Generator().manual_seed(seed),
                         prefetch_factor=4 if num_workers > 0 else None)
     return loader, sampler
 
@@ -24,7 +27,7 @@ def eval_loader(dataset, collate_fn, batch_size, rank, world_size, num_workers, 
     sampler = ShardedEvalSampler(len(dataset), world_size, rank)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn,
                       num_workers=num_workers, pin_memory=pin_memory and torch.cuda.is_available(),
-                      drop_last=False, persistent_workers=num_workers > 0)
+                      drop_last=False, persistent_workers=num_workers > 0, generator=torch.Generator())
 
 
 def batches_per_epoch(sampler, batch_size):

@@ -1,0 +1,97 @@
+"""Running the real entry points in subprocesses (single process or torchrun with gloo) for tests."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_env(**extra):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO, CUDA_VISIBLE_DEVICES="")
+    env.update({k: str(v) for k, v in extra.items()})
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS"):
+        if k not in extra:
+            env.pop(k, None)
+    return env
+
+
+def command(script, args, nproc=1):
+    if nproc == 1:
+        return [sys.executable, os.path.join(REPO, script), *args]
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+            f"--master_port={free_port()}", os.path.join(REPO, script), *args]
+
+
+def run_entry(script, args, nproc=1, timeout=300, check=True):
+    proc = subprocess.run(command(script, args, nproc), cwd=REPO, env=child_env(), capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def start_entry(script, args, nproc=1):
+    return subprocess.Popen(command(script, args, nproc), cwd=REPO, env=child_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def kill_when(proc, predicate, timeout=300, poll=0.005):
+    """SIGKILL the process group as soon as predicate() is true; returns True if it was killed mid-run."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(poll)
+    os.killpg(proc.pid, signal.SIGKILL)
+    raise AssertionError("timed out waiting for the run to reach the kill point")
+
+
+def load_ckpt(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def read_jsonl(path, split=None):
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [r for r in rows if split is None or r["split"] == split]
+
+
+def make_caption_data(root, n_train=64, n_val=10, seed=0):
+    """A small captions file pair and a WordPiece tokenizer trained on them."""
+    import random
+
+    from custom_datasets.tokenizer import train_wordpiece
+
+    rng = random.Random(seed)
+    colours, shapes = ["red", "blue", "green", "yellow"], ["circle", "square", "star", "triangle"]
+
+    def caption():
+        c1, s1, c2, s2 = rng.choice(colours), rng.choice(shapes), rng.choice(colours), rng.choice(shapes)
+        return f"a {c1} {s1} above a {c2} {s2}. the {s1} is {c1}."
+
+    os.makedirs(root, exist_ok=True)
+    train = [{"caption": caption()} for _ in range(n_train)]
+    val = [{"caption": caption()} for _ in range(n_val)]
+    paths = {"train": os.path.join(root, "train.json"), "val": os.path.join(root, "val.json"),
+             "tokenizer": os.path.join(root, "tokenizer")}
+    for key, items in (("train", train), ("val", val)):
+        with open(paths[key], "w") as f:
+            json.dump(items, f)
+    train_wordpiece([x["caption"] for x in train], paths["tokenizer"], vocab_size=200)
+    return paths

@@ -1,0 +1,179 @@
+"""Backbone: shapes, SDPA vs plain attention, which parameters train per mode, LoRA and self-regularization."""
+import math
+
+import pytest
+import torch
+
+from models.lora import LoRALinear
+from models.registry import create_model
+from models.relative_position import build_relative_position_index, num_relative_buckets
+from models.trainable import configure_trainable, on_mode_path
+
+VOCAB = 50
+
+
+def tiny(**kw):
+    torch.manual_seed(0)
+    return create_model("vlmo_tiny_patch16", vocab_size=VOCAB, **kw)
+
+
+def batch(mode, b=3, length=7, img=32):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(5, VOCAB, (b, length), generator=g)
+    masks = torch.ones(b, length, dtype=torch.long)
+    masks[1, 4:] = 0
+    if mode == "text_mlm":
+        labels = torch.full((b, length), -100)
+        labels[:, 1] = ids[:, 1]
+        labels[0, 3] = ids[0, 3]
+        return {"text_ids": ids, "text_masks": masks, "text_labels": labels}
+    images = torch.randn(b, 3, img, img, generator=g)
+    if mode == "image_mim":
+        n = (img // 16) ** 2
+        mask = torch.zeros(b, n, dtype=torch.bool)
+        mask[:, :2] = True
+        return {"images": images, "bool_masked_pos": mask, "mim_labels": torch.randint(0, 8192, (b, n), generator=g)}
+    return {"images": images, "text_ids": ids, "text_masks": masks}
+
+
+def test_shapes_and_relative_position_buckets():
+    assert num_relative_buckets((14, 14)) == 732
+    idx = build_relative_position_index((14, 14))
+    assert idx.shape == (197, 197) and idx.max() == 731 and idx[0, 0] == 731
+    m = tiny()
+    assert m.forward_image_features(torch.randn(2, 3, 32, 32)).shape == (2, 5, 64)
+    ids, masks = torch.randint(5, VOCAB, (2, 9)), torch.ones(2, 9, dtype=torch.long)
+    assert m.forward_text_features(ids, masks).shape == (2, 9, 64)
+    assert m.encode_image(torch.randn(2, 3, 32, 32)).norm(dim=-1).allclose(torch.ones(2))
+    assert m.encode_text(ids, masks).shape == (2, 64)
+
+
+@pytest.mark.parametrize("name,dim,depth,heads,vl_start", [
+    ("vlmo_small_patch16", 384, 12, 6, 10), ("vlmo_base_patch16", 768, 12, 12, 10),
+    ("vlmo_large_patch16", 1024, 24, 16, 21)])
+def test_published_sizes_on_meta(name, dim, depth, heads, vl_start):
+    with torch.device("meta"):
+        m = create_model(name)
+    assert len(m.blocks) == depth and m.blocks[0].attn.num_heads == heads
+    assert m.patch_embed.proj.weight.shape == (dim, 3, 16, 16)
+    assert m.text_embeddings.word_embeddings.weight.shape == (30522, dim)
+    assert m.blocks[0].attn.relative_position_bias_table.shape == (732, heads)
+    has_vl = [hasattr(b, "mlp_vl") for b in m.blocks]
+    assert has_vl == [i >= vl_start for i in range(depth)]
+    gamma = m.blocks[0].gamma_1
+    assert gamma.shape == (dim,)
+    backbone = sum(p.numel() for n, p in m.named_parameters() if not n.startswith(("mlm_head", "mim_head", "itc_")))
+    # VLMo paper: base 175M, large 562M parameters (multiway backbone with embeddings).
+    expected = {"vlmo_base_patch16": 175e6, "vlmo_large_patch16": 562e6}.get(name)
+    if expected:
+        assert abs(backbone - expected) / expected < 0.02
+
+
+@pytest.mark.parametrize("layout", ["multiway", "shared"])
+def test_sdpa_equals_plain_attention(layout):
+    m = tiny(ffn_layout=layout).eval()
+    for blk in m.blocks:  # non-zero relative position bias and q/v biases so the test can fail
+        torch.nn.init.normal_(blk.attn.relative_position_bias_table, std=0.5)
+        torch.nn.init.normal_(blk.attn.q_bias, std=0.5)
+        torch.nn.init.normal_(blk.attn.v_bias, std=0.5)
+    img = torch.randn(2, 3, 32, 32)
+    ids, masks = torch.randint(5, VOCAB, (2, 8)), torch.ones(2, 8, dtype=torch.long)
+    masks[0, 5:] = 0
+    sdpa = (m.forward_image_features(img), m.forward_text_features(ids, masks))
+    m.math_attention = True
+    ref = (m.forward_image_features(img), m.forward_text_features(ids, masks))
+    torch.testing.assert_close(sdpa[0], ref[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sdpa[1], ref[1], atol=1e-5, rtol=1e-5)
+
+
+def test_padding_does_not_change_real_tokens():
+    m = tiny().eval()
+    ids = torch.randint(5, VOCAB, (1, 6))
+    short = m.forward_text_features(ids, torch.ones(1, 6, dtype=torch.long))
+    padded_ids = torch.cat([ids, torch.zeros(1, 3, dtype=torch.long)], 1)
+    padded_mask = torch.cat([torch.ones(1, 6, dtype=torch.long), torch.zeros(1, 3, dtype=torch.long)], 1)
+    padded = m.forward_text_features(padded_ids, padded_mask)
+    torch.testing.assert_close(padded[:, :6], short, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["multiway", "shared"])
+@pytest.mark.parametrize("mode", ["text_mlm", "image_mim", "image_text_itc"])
+def test_mode_path_gets_gradients_and_the_rest_is_frozen(layout, mode):
+    m = tiny(ffn_layout=layout)
+    configure_trainable(m, mode)
+    out = m(batch(mode), mode)
+    out["loss"].backward()
+    for name, p in m.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None, f"{name} is trainable in {mode} but got no gradient"
+        else:
+            assert p.grad is None
+    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, _ in m.named_parameters() if on_mode_path(n, mode)}
+    assert not any("mlp_vl" in n or "norm2_vl" in n for n in trainable)  # VL experts wait for fused objectives
+    if layout == "multiway":
+        other = "mlp_imag" if mode == "text_mlm" else "mlp_text" if mode == "image_mim" else None
+        if other:
+            assert not any(other in n for n in trainable)
+
+
+def test_lora_only_on_provided_weights_and_fresh_adapters_change_nothing():
+    m = tiny(ffn_layout="shared").eval()
+    ids, masks = torch.randint(5, VOCAB, (2, 8)), torch.ones(2, 8, dtype=torch.long)
+    before = m.forward_text_features(ids, masks)
+    provided = [n for n in m.state_dict() if not n.startswith(("text_embeddings", "mlm_head"))]
+    groups = configure_trainable(m, "text_mlm", lora_rank=4, provided_keys=provided)
+    after = m.forward_text_features(ids, masks)
+    assert torch.equal(before, after)
+    adapted = {n for n, mod in m.named_modules() if isinstance(mod, LoRALinear) and mod.has_lora}
+    assert adapted == {f"blocks.{i}.{x}" for i in range(2) for x in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")}
+    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert all(n not in provided for n in trainable)  # provided weights are frozen
+    assert any(n.startswith("text_embeddings") for n in trainable) and any(".lora_A" in n for n in trainable)
+    assert set(groups) >= {"lora", "text", "head"}
+    assert m.blocks[0].mlp.fc1.lora_scale == pytest.approx(1 / 4)
+
+
+def test_lora_forward_matches_merged_weight():
+    torch.manual_seed(0)
+    layer = LoRALinear(6, 5)
+    layer.enable_lora(3, alpha=2.0)
+    torch.nn.init.normal_(layer.lora_B)
+    x = torch.randn(4, 6)
+    expected = x @ (layer.weight + layer.lora_B @ layer.lora_A * (2.0 / 3)).T + layer.bias
+    torch.testing.assert_close(layer(x), expected)
+    layer.merge_lora()
+    assert not layer.has_lora and "lora_A" not in layer.state_dict()
+    torch.testing.assert_close(layer(x), expected)
+
+
+def test_self_regularization_equals_hand_computation():
+    m = tiny(ffn_layout="shared")
+    provided = list(m.state_dict())
+    configure_trainable(m, "text_mlm", lora_rank=2, provided_keys=provided, reg_loss_weight=10.0)
+    layers = [mod for mod in m.modules() if isinstance(mod, LoRALinear) and mod.has_lora]
+    for mod in layers:
+        torch.nn.init.normal_(mod.lora_B, std=0.1)
+    hand = 0.0
+    for mod in layers:
+        w0, a, b = mod.weight.detach().double(), mod.lora_A.detach().double(), mod.lora_B.detach().double()
+        delta = (b @ a) * (1.0 / 2)
+        hand += sum((w0[i, j] * delta[i, j]) ** 2 for i in range(w0.shape[0]) for j in range(w0.shape[1]))
+    torch.testing.assert_close(m.self_regularization_loss().double(), torch.tensor(10.0 * hand), rtol=1e-5, atol=0)
+    out = m(batch("text_mlm"), "text_mlm")
+    assert "reg_loss" in out and math.isclose(out["reg_loss"].item(), 10.0 * hand, rel_tol=1e-5)
+
+
+def test_lock_image_keeps_image_path_fixed():
+    m = tiny()
+    provided = list(m.state_dict())
+    configure_trainable(m, "image_text_itc", lora_rank=2, provided_keys=provided, lock_image=True)
+    for mod in m.modules():
+        if isinstance(mod, LoRALinear) and mod.has_lora:
+            torch.nn.init.normal_(mod.lora_B)
+    trainable = [n for n, p in m.named_parameters() if p.requires_grad]
+    assert trainable and not any(n.startswith(("patch_embed", "itc_image_proj", "cls_token")) or "_imag" in n
+                                 for n in trainable)
+    fresh = tiny()
+    img = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(m.encode_image(img), fresh.encode_image(img))
