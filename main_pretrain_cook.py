@@ -46,7 +46,7 @@ def get_args_parser():
     g.add_argument("--img_size", type=int, default=None, help="default: the model's")
     g.add_argument("--drop_path", type=float, default=0.1)
     g = p.add_argument_group("data")
-    g.add_argument("--data_path", required=True)
+    g.add_argument("--data_path", default=None, help="training data (required, by flag or --config)")
     g.add_argument("--val_data_path", default=None, help="held-out data evaluated at every epoch end")
     g.add_argument("--tokenizer", default=None,
                    help=f"vocab.txt, tokenizer.json or a folder; default: the resumed checkpoint's, else "
@@ -100,7 +100,9 @@ def parse_args(argv=None):
     args.mode = resolve_mode(args)
     if args.model not in model_names():
         raise UserError(f"--model {args.model!r} is unknown; known: {', '.join(model_names())}")
-    if args.data_path and not os.path.exists(args.data_path):
+    if not args.data_path:
+        raise UserError("--data_path is required (on the command line or in the --config file)")
+    if not os.path.exists(args.data_path):
         raise UserError(f"--data_path: not found: {args.data_path}")
     if args.val_data_path and not os.path.exists(args.val_data_path):
         raise UserError(f"--val_data_path: not found: {args.val_data_path}")
