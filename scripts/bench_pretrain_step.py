@@ -1,0 +1,103 @@
+"""Benchmark one pretraining training step (forward, backward, AdamW) for a named model and batch on the
+current device: samples/s and peak memory, with a reference row to compare against (the plain-math
+attention oracle) printed as a ratio. Not a test: numbers depend on the machine.
+
+    python scripts/bench_pretrain_step.py --model vlmo_base_patch16 --batch_size 8 --mode text_mlm
+"""
+import argparse
+import os
+import resource
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from models.registry import create_model  # noqa: E402
+from models.trainable import configure_trainable  # noqa: E402
+from util.optim_factory import build_adamw  # noqa: E402
+
+
+def text_batch(b, length, vocab, device, g):
+    ids = torch.randint(5, vocab, (b, length), generator=g)
+    labels = torch.full_like(ids, -100)
+    sel = torch.rand(b, length, generator=g) < 0.15
+    sel[:, 1] = True
+    labels[sel] = ids[sel]
+    ids[sel] = 4
+    return {"text_ids": ids.to(device), "text_masks": torch.ones_like(ids).to(device), "text_labels": labels.to(device)}
+
+
+def make_batch(mode, model, b, length, device, g):
+    if mode == "text_mlm":
+        return text_batch(b, length, model.config["vocab_size"], device, g)
+    size = model.config["img_size"]
+    n = model.grid_hw[0] * model.grid_hw[1]
+    images = torch.randn(b, 3, size, size, generator=g).to(device)
+    if mode == "image_mim":
+        mask = torch.zeros(b, n, dtype=torch.bool)
+        mask[:, : int(n * 0.4)] = True
+        return {"images": images, "bool_masked_pos": mask.to(device),
+                "mim_labels": torch.randint(0, model.config["mim_vocab_size"], (b, n), generator=g).to(device)}
+    batch = text_batch(b, length, model.config["vocab_size"], device, g)
+    return {"images": images, "text_ids": batch["text_ids"], "text_masks": batch["text_masks"]}
+
+
+def measure(model, mode, batch, steps, warmup, device, autocast_dtype):
+    opt = build_adamw(model, 1e-4, 0.05)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for i in range(warmup + steps):
+        if i == warmup:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            loss = model(batch, mode)["loss"]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) / 2 ** 30
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # process peak RSS (KiB -> GiB)
+        peak = max(peak, rss_before / 2 ** 20)
+    elapsed = time.perf_counter() - start
+    return steps * batch[next(iter(batch))].shape[0] / elapsed, peak
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="vlmo_base_patch16")
+    p.add_argument("--mode", default="text_mlm", choices=["text_mlm", "image_mim", "image_text_itc"])
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--seq_len", type=int, default=64, help="text tokens per caption")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    p.add_argument("--no_reference", action="store_true", help="skip the plain-math attention reference row")
+    args = p.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    dtype = torch.bfloat16 if precision == "bf16" else None
+    torch.manual_seed(0)
+    model = create_model(args.model, mim_target="dalle").to(device)
+    configure_trainable(model, args.mode)
+    batch = make_batch(args.mode, model, args.batch_size, args.seq_len, device, torch.Generator().manual_seed(0))
+    print(f"{args.mode} step | {args.model} | batch {args.batch_size} | {precision} | {device} "
+          f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} threads'})")
+    sps, peak = measure(model, args.mode, batch, args.steps, args.warmup, device, dtype)
+    print(f"  ours (SDPA attention):     {sps:8.2f} samples/s   peak memory {peak:6.2f} GiB")
+    if not args.no_reference:
+        model.math_attention = True
+        ref_sps, ref_peak = measure(model, args.mode, batch, args.steps, args.warmup, device, dtype)
+        print(f"  reference (math attention): {ref_sps:7.2f} samples/s   peak memory {ref_peak:6.2f} GiB")
+        print(f"  speed ratio ours/reference: {sps / ref_sps:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
