@@ -1,0 +1,110 @@
+"""Image-text contrastive losses (CLIP softmax, SigLIP sigmoid) across ranks.
+
+Each rank holds a local batch of B pairs; W ranks make a global batch of G = W * B. Features are
+gathered with gradients (util.gather) and each rank computes the loss of its OWN rows against
+all G columns, with its positives at columns arange(B) + B * rank. Each per-rank loss L_r is
+normalised by the local row count B, so that the mean of L_r over ranks is the single-process
+loss on the global batch and DDP's gradient averaging gives the single-process gradient.
+
+Features arrive L2-normalised; the similarity matrix is computed in float32 because logits
+reach +-100 (CLIP) and bf16 would round them to steps of 0.5.
+"""
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from util.gather import all_gather_with_grad
+
+
+def _rank_world(gather: bool):
+    if gather and dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _gathered(x: torch.Tensor, world: int) -> torch.Tensor:
+    return all_gather_with_grad(x) if world > 1 else x
+
+
+def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return (logits.detach().argmax(dim=1) == labels).float().mean()
+
+
+def clip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor,
+              gather: bool = True) -> dict:
+    """CLIP (InfoNCE) loss of this rank's rows.
+
+    Args:
+        img, txt: [B, D] L2-normalised local features, row i of each is a pair.
+        logit_scale: scalar log-temperature parameter t; logits are exp(t) * cosine.
+        gather: gather features over the process group (when one is initialised).
+    Returns dict:
+        loss: 0.5 * (mean over local rows i of CE(image i -> all G texts, label i + B*rank)
+              + mean over local rows i of CE(text i -> all G images, same label)).
+        i2t_acc, t2i_acc: in-batch top-1 accuracy of the local rows over the G columns.
+        temperature: exp(t). chance_loss: ln(G), the loss of uniform logits.
+    Diagnostics are detached 0-dim tensors (no host sync here).
+    """
+    rank, world = _rank_world(gather)
+    batch = img.shape[0]
+    # gather in the features' own dtype (half the traffic under bf16), then compute in fp32
+    all_img, all_txt = _gathered(img, world).float(), _gathered(txt, world).float()
+    img, txt = img.float(), txt.float()
+    scale = logit_scale.float().exp()
+    logits_i2t = scale * img @ all_txt.t()          # [B, G]
+    logits_t2i = scale * txt @ all_img.t()          # [B, G]
+    labels = torch.arange(batch, device=img.device) + batch * rank
+    loss = 0.5 * (F.cross_entropy(logits_i2t, labels) + F.cross_entropy(logits_t2i, labels))
+    return {
+        "loss": loss,
+        "i2t_acc": _accuracy(logits_i2t, labels),
+        "t2i_acc": _accuracy(logits_t2i, labels),
+        "temperature": scale.detach(),
+        "chance_loss": torch.tensor(math.log(batch * world), device=img.device),
+    }
+
+
+def siglip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor,
+                logit_bias: torch.Tensor, gather: bool = True) -> dict:
+    """SigLIP (pairwise sigmoid) loss of this rank's rows.
+
+    Args:
+        img, txt: [B, D] L2-normalised local features.
+        logit_scale: scalar t' (logits are exp(t') * cosine + b); logit_bias: scalar b.
+    Returns dict:
+        loss: L_r = -(1/B) * sum over local images i and all G texts j of
+              log sigmoid(z_ij * (exp(t') * x_i . y_j + b)), z_ij = +1 iff j == i + B*rank.
+              Summed over ranks the pairs cover the G x G matrix once, so mean_r L_r equals the
+              one-process loss -(1/G) * sum over G x G pairs (a sum per row, not a mean over G^2).
+        i2t_acc, t2i_acc, temperature (exp(t')), logit_bias: detached diagnostics.
+    Only text features need gradients through the gather; images are gathered detached, for the
+    text-to-image accuracy alone.
+    """
+    rank, world = _rank_world(gather)
+    batch = img.shape[0]
+    all_txt = _gathered(txt, world).float()
+    img, txt = img.float(), txt.float()
+    scale, bias = logit_scale.float().exp(), logit_bias.float()
+    logits = scale * img @ all_txt.t() + bias       # [B, G]
+    labels = torch.arange(batch, device=img.device) + batch * rank
+    signs = -torch.ones_like(logits)
+    signs[torch.arange(batch, device=img.device), labels] = 1.0
+    loss = -F.logsigmoid(signs * logits).sum() / batch
+    with torch.no_grad():
+        all_img = _gathered(img.detach(), world)  # already fp32 here
+        logits_t2i = txt.detach() @ all_img.t()     # ranking only: scale and bias don't change it
+    return {
+        "loss": loss,
+        "i2t_acc": _accuracy(logits, labels),
+        "t2i_acc": _accuracy(logits_t2i, labels),
+        "temperature": scale.detach(),
+        "logit_bias": bias.detach(),
+    }
+
+
+@torch.no_grad()
+def clamp_logit_scale_(param: torch.Tensor, max: float = math.log(100)) -> torch.Tensor:
+    """Clamp the CLIP log-temperature in place to [0, max] (call after each optimizer step)."""
+    return param.clamp_(0.0, max)
