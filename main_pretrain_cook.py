@@ -8,14 +8,17 @@ import time
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from custom_datasets.image_dataset import IMAGE_NORMS
 from custom_datasets.pretrain_data import build_pretrain_data
+from util.run_setup import build_evaluators, build_mim_targets, resolve_image_state
 from custom_datasets.tokenizer import load_tokenizer, tokenizer_from_state
-from engine_pretrain import EngineConfig, NonFiniteLoss, evaluate, train_one_epoch
+from engine_pretrain import EngineConfig, NonFiniteLoss, train_one_epoch
 from models.loading import check_architecture, load_pretrained_weights
 from models.registry import create_model, model_config, model_names
 from models.trainable import configure_trainable
 from models.vlmo import ITC_LOSSES, MIM_TARGETS, MODES
 from util import dist as du
+from util.bad_samples import BadSampleLog
 from util.checkpoint import set_rng_state
 from util.checkpointer import Checkpointer, NonFiniteCheckpoint
 from util.config import make_parser, parse_with_config, write_args_json
@@ -25,6 +28,7 @@ from util.optim_factory import build_adamw
 from util.resume import plan_resume
 
 DEFAULT_TOKENIZER = "checkpoints/tokenizer/"
+DEFAULT_DVAE = "checkpoints/dall_e_tokenizer_weight/encoder.pkl"
 
 
 def get_args_parser():
@@ -74,10 +78,25 @@ def get_args_parser():
     g.add_argument("--self_regularization", action="store_true")
     g.add_argument("--reg_loss_weight", type=float, default=0.0)
     g = p.add_argument_group("image modes")
-    g.add_argument("--mim_target", default="dalle", choices=MIM_TARGETS)
+    g.add_argument("--image_norm", default=None, choices=sorted(IMAGE_NORMS),
+                   help="pixel normalisation; default: the resumed checkpoint's, else beit (0.5/0.5, as BEiT weights "
+                        "were trained)")
+    g.add_argument("--color_jitter", type=float, default=0.4)
+    g.add_argument("--mim_target", default="dalle", choices=MIM_TARGETS,
+                   help="dalle: dVAE tokens of the masked patches; pixel: normalised-pixel regression")
+    g.add_argument("--dvae_path", default=DEFAULT_DVAE,
+                   help="DALL-E encoder.pkl or its safetensors conversion (util/convert_dvae.py); an "
+                        "encoder.safetensors beside the .pkl is preferred")
+    g.add_argument("--num_mask_patches", type=int, default=75)
+    g.add_argument("--min_mask_patches", type=int, default=16)
+    g.add_argument("--max_mask_aspect", type=float, default=1 / 0.3)
     g.add_argument("--itc_loss", default="clip", choices=ITC_LOSSES)
-    g.add_argument("--lock_image", action="store_true")
+    g.add_argument("--itc_crop_min_scale", type=float, default=0.5)
+    g.add_argument("--lock_image", action="store_true", help="LiT: image tower frozen, embeddings unchanged")
     g.add_argument("--lock_text", action="store_true")
+    g.add_argument("--zeroshot_data_path", default=None, help="ImageNet-style folder for zero-shot evaluation")
+    g.add_argument("--zeroshot_classnames", default=None, help="wnid<TAB>name file (default: folder names)")
+    g.add_argument("--zeroshot_templates", default=None, help="prompt templates, one per line with {}")
     g = p.add_argument_group("checkpoints")
     g.add_argument("--resume", default="", help="training checkpoint, weights file, or 'auto'")
     g.add_argument("--save_per_epochs", type=int, default=20, help="keep a copy every N epochs")
@@ -146,11 +165,17 @@ def load_run_tokenizer(args, plan):
     return tok
 
 
-def build_model(args, tokenizer, plan):
+def model_overrides(args, tokenizer, mim_vocab=None):
     overrides = dict(vocab_size=tokenizer.vocab_size, ffn_layout=args.ffn_layout, drop_path_rate=args.drop_path,
                      mim_target=args.mim_target, itc_loss=args.itc_loss, max_text_len=max(args.max_text_len, 196))
     if args.img_size:
         overrides["img_size"] = args.img_size
+    if mim_vocab:
+        overrides["mim_vocab_size"] = mim_vocab
+    return overrides
+
+
+def build_model(args, overrides, plan):
     model = create_model(args.model, **overrides)
     provided = []
     if plan.kind == "weights":
@@ -204,12 +229,17 @@ def run(args, argv):
     plan = plan_resume(args.output_dir, args.resume, args.mode)
     LOG.info(plan.reason)
     tokenizer = load_run_tokenizer(args, plan)
-    data = build_pretrain_data(args, tokenizer, env.rank, env.world_size)
+    target_fn, mim_vocab = build_mim_targets(args, env.device)
+    overrides = model_overrides(args, tokenizer, mim_vocab)
+    arch = model_config(args.model, **overrides)
+    image_state = resolve_image_state(args, plan, arch["img_size"])
+    grid = (arch["img_size"] // arch["patch_size"],) * 2
+    data = build_pretrain_data(args, tokenizer, env.rank, env.world_size, image_state, grid)
     steps_per_epoch = data.batches_per_epoch // args.accum_iter
     if steps_per_epoch < 1:
         raise UserError(f"--data_path: one epoch gives {data.batches_per_epoch} batches per process, fewer than "
                         f"--accum_iter {args.accum_iter}")
-    model, provided, groups = build_model(args, tokenizer, plan)
+    model, provided, groups = build_model(args, overrides, plan)
     log_trainable(model, groups)
     model.to(env.device)
     optimizer = build_adamw(model, args.lr, args.weight_decay, tuple(args.opt_betas))
@@ -239,11 +269,13 @@ def run(args, argv):
                 "scaler": scaler.state_dict() if scaler is not None else None, "epoch": epoch,
                 "step_in_epoch": step_in_epoch, "global_step": step, "mode": args.mode,
                 "batches_consumed": step_in_epoch * args.accum_iter, "args": _plain(vars(args)),
-                "provided_keys": list(provided), "tokenizer": tokenizer.to_state()}
+                "provided_keys": list(provided), "tokenizer": tokenizer.to_state(), "image_preprocess": image_state}
 
     checkpointer = Checkpointer(args.output_dir, build_state, env.device, args.save_per_epochs, args.save_every_steps,
                                 args.save_every_minutes)
     run_log = RunLog(args.output_dir, args.log_dir, env.is_main)
+    evaluate_epoch = build_evaluators(args, data, tokenizer, image_state, env.rank, env.world_size, target_fn)
+    bad_samples = BadSampleLog(args.output_dir, env.rank)
     post_step = _clamp_logit_scale(model) if args.mode == "image_text_itc" and args.itc_loss == "clip" else None
     if start_epoch >= args.epochs:
         LOG.info(f"nothing to do: the checkpoint is at epoch {start_epoch} of {args.epochs}")
@@ -254,11 +286,11 @@ def run(args, argv):
         for epoch in range(start_epoch, args.epochs):
             data.train_sampler.set_epoch(epoch, start=start_step * args.accum_iter * args.batch_size)
             global_step = train_one_epoch(ddp, model, data.train_loader, optimizer, scaler, epoch, start_step,
-                                          global_step, cfg, post_step=post_step, checkpointer=checkpointer,
-                                          run_log=run_log)
+                                          global_step, cfg, target_fn=target_fn, post_step=post_step,
+                                          checkpointer=checkpointer, run_log=run_log, bad_sample_sink=bad_samples)
             start_step = 0
-            if data.val_loader is not None:
-                stats = evaluate(model, data.val_loader, cfg)
+            if evaluate_epoch is not None:
+                stats = evaluate_epoch(model, cfg)
                 LOG.info(f"held-out after epoch {epoch + 1} ({data.num_val} items): "
                          + " ".join(f"{k} {v:.4f}" for k, v in stats.items()))
                 run_log.write({"epoch": epoch + 1, **stats}, global_step, prefix="val")

@@ -4,6 +4,8 @@ Every objective is a sum over its loss units (masked tokens, masked patches, or 
 divided by `loss_normalizer`; `loss_units` counts those units in a batch so the training loop can
 agree on the global count across ranks and accumulation steps before the first backward.
 """
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -46,6 +48,15 @@ def patchify(images, patch_size):
     return x.permute(0, 2, 4, 3, 5, 1).reshape(b, (h // patch_size) * (w // patch_size), patch_size ** 2 * c)
 
 
+def target_statistics(labels, vocab_size):
+    """Distinct dVAE tokens in the batch and the entropy (nats) of their distribution. A wrong map_pixels or
+    normalisation feeding the dVAE collapses both. Fixed-size scatter: no host sync."""
+    flat = labels.reshape(-1)
+    counts = torch.zeros(vocab_size, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.float))
+    p = counts / counts.sum()
+    return {"target_distinct": (counts > 0).sum().float(), "target_entropy": -(p * p.clamp(min=1e-12).log()).sum()}
+
+
 def image_mim(model, samples, loss_normalizer=None):
     mask = samples["bool_masked_pos"].bool()
     feats = model.norm(model.forward_image_features(samples["images"], mask))[:, 1:]
@@ -57,7 +68,8 @@ def image_mim(model, samples, loss_normalizer=None):
         total = F.cross_entropy(pred, targets, reduction="sum")
         with torch.no_grad():
             metrics = {"mim_loss": total.detach() / denom,
-                       "mim_acc": (pred.argmax(-1) == targets).sum().float() / denom}
+                       "mim_acc": (pred.argmax(-1) == targets).sum().float() / denom,
+                       **target_statistics(samples["mim_labels"], pred.shape[-1])}
     else:
         # Normalised-pixel regression (MAE's norm_pix target): per-patch mean/std removed.
         patches = patchify(samples["images"].float(), model.patch_size)[mask]
@@ -72,8 +84,11 @@ def image_mim(model, samples, loss_normalizer=None):
 def image_text_itc(model, samples, loss_normalizer=None):
     from models.contrastive import clip_loss, siglip_loss
 
-    img = model.encode_image(samples["images"])
-    txt = model.encode_text(samples["text_ids"], samples["text_masks"])
+    # A locked tower (LiT) runs without building a graph: its embeddings cannot change anyway.
+    with torch.no_grad() if "image" in model.locked_towers else contextlib.nullcontext():
+        img = model.encode_image(samples["images"])
+    with torch.no_grad() if "text" in model.locked_towers else contextlib.nullcontext():
+        txt = model.encode_text(samples["text_ids"], samples["text_masks"])
     if model.config["itc_loss"] == "clip":
         out = clip_loss(img, txt, model.logit_scale)
     else:
@@ -82,4 +97,6 @@ def image_text_itc(model, samples, loss_normalizer=None):
     total = out.pop("loss") * rows  # per-row mean -> sum over this rank's rows
     metrics = {k: v.detach() for k, v in out.items()}
     metrics["itc_loss"] = total.detach() / rows
+    if "duplicate_caption_fraction" in samples:
+        metrics["duplicate_captions"] = samples["duplicate_caption_fraction"].float()
     return {"loss": _normalize(total, rows, loss_normalizer), **metrics}

@@ -52,6 +52,7 @@ def configure_trainable(model, mode, lora_rank=0, lora_alpha=1.0, provided_keys=
     """
     provided = set(provided_keys)
     locked = {t for t, on in (("image", lock_image), ("text", lock_text)) if on}
+    model.locked_towers = locked
     if locked:
         model.lora_modalities = {"image", "text", "vl"} - locked - {"vl"}
 

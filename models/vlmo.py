@@ -54,6 +54,7 @@ class VLMo(nn.Module):
             self.logit_bias = nn.Parameter(torch.tensor(-10.0))
         # Which modalities the LoRA adapters act on (LiT locks a tower: adapters then serve the other one only).
         self.lora_modalities = {"image", "text", "vl"}
+        self.locked_towers = set()  # LiT: towers whose embeddings must not change (run under no_grad)
         self.reg_loss_weight = 0.0
         self.math_attention = False  # test oracle switch: plain softmax(QK^T)V instead of SDPA
         self._init_weights()

@@ -14,5 +14,6 @@ want=$(cat requirements.txt requirements-test.txt | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "[setup] installing requirements"
   .venv/bin/pip install -q -r requirements-test.txt
+  .venv/bin/pip install -q --no-deps "DALL-E==0.1" || echo "[setup] DALL-E package unavailable: its reference tests will skip"
   echo "$want" > "$stamp"
 fi

@@ -114,3 +114,24 @@ def barrier():
 def cleanup():
     if is_dist():
         dist.destroy_process_group()
+
+
+def gather_rows_in_index_order(local):
+    """Rows of a ShardedEvalSampler split (rank r holds items r, r+W, r+2W, ...) gathered from every rank
+    and put back in item order: [n_r, ...] per rank -> [N, ...] on every rank."""
+    if not is_dist():
+        return local
+    world = dist.get_world_size()
+    counts = torch.tensor([local.shape[0]], device=local.device)
+    all_counts = [torch.zeros_like(counts) for _ in range(world)]
+    dist.all_gather(all_counts, counts)
+    longest = max(int(c.item()) for c in all_counts)
+    padded = torch.zeros((longest, *local.shape[1:]), dtype=local.dtype, device=local.device)
+    padded[: local.shape[0]] = local
+    parts = [torch.zeros_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    total = sum(int(c.item()) for c in all_counts)
+    out = torch.empty((total, *local.shape[1:]), dtype=local.dtype, device=local.device)
+    for r, (part, c) in enumerate(zip(parts, all_counts)):
+        out[r::world] = part[: int(c.item())]
+    return out
