@@ -1,0 +1,97 @@
+"""Standalone contrastive evaluation of a checkpoint: image<->text retrieval R@1/5/10 on held-out pairs and
+zero-shot classification on an ImageNet-style folder, on every rank (torchrun or a single process).
+
+    torchrun --nproc_per_node=8 util/eval_itc.py --checkpoint outputs/itc/checkpoint-latest.pth \
+        --val_data_path data/coco/val.csv --zeroshot_data_path data/ILSVRC2012/val/ [--out metrics.json]
+"""
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from custom_datasets.image_dataset import build_eval_transform, image_preprocess_state  # noqa: E402
+from custom_datasets.loaders import eval_loader  # noqa: E402
+from custom_datasets.pair_collator import PairCollator  # noqa: E402
+from custom_datasets.pair_dataset import build_pair_dataset  # noqa: E402
+from custom_datasets.tokenizer import load_tokenizer, tokenizer_from_state  # noqa: E402
+from models.registry import create_model  # noqa: E402
+from util import dist as du  # noqa: E402
+from util.checkpoint import extract_state_dict, load_file  # noqa: E402
+from util.errors import UserError  # noqa: E402
+from util.itc_eval import retrieval_metrics  # noqa: E402
+from util.logger import LOG, setup_logging  # noqa: E402
+from util.run_setup import build_zero_shot  # noqa: E402
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--val_data_path", default=None, help="held-out pairs (CSV/TSV, MUGE) for retrieval")
+    p.add_argument("--zeroshot_data_path", default=None)
+    p.add_argument("--zeroshot_classnames", default=None)
+    p.add_argument("--zeroshot_templates", default=None)
+    p.add_argument("--tokenizer", default=None, help="default: the checkpoint's")
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--num_workers", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="write the metrics as JSON (rank 0)")
+    args = p.parse_args(argv)
+    args.pin_mem = True
+    if not args.val_data_path and not args.zeroshot_data_path:
+        raise UserError("give --val_data_path and/or --zeroshot_data_path")
+    return args
+
+
+def load_model(path, device):
+    ckpt = load_file(path, "--checkpoint")
+    sd, config = extract_state_dict(ckpt), ckpt.get("model_config") if isinstance(ckpt, dict) else None
+    if sd is None or not config:
+        raise UserError(f"--checkpoint {path}: no model weights with a model_config (a pretraining checkpoint "
+                        "or merged weights file is expected)")
+    if any(".lora_" in k for k in sd):
+        from models.merge import merge_lora_state_dict
+        sd = merge_lora_state_dict(sd, ckpt.get("args", {}).get("lora_alpha", 1.0))
+    model = create_model(config["name"], **{k: v for k, v in config.items() if k != "name"})
+    model.load_state_dict(sd)
+    return model.to(device).eval(), ckpt
+
+
+def main(argv=None):
+    try:
+        args = parse_args(argv)
+        env = du.init_distributed()
+        setup_logging(None, env.rank)
+        model, ckpt = load_model(args.checkpoint, env.device)
+        tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else tokenizer_from_state(ckpt["tokenizer"])
+        image_state = ckpt.get("image_preprocess") or image_preprocess_state(model.config["img_size"])
+        metrics = {}
+        if args.val_data_path:
+            val = build_pair_dataset(args.val_data_path, build_eval_transform(image_state), flag="--val_data_path",
+                                     split="valid")
+            loader = eval_loader(val, PairCollator(tokenizer), args.batch_size, env.rank, env.world_size,
+                                 args.num_workers, args.pin_mem)
+            metrics.update(retrieval_metrics(model, loader, val, env.device))
+            metrics["num_pairs"] = len(val)
+        if args.zeroshot_data_path:
+            zero_shot, n = build_zero_shot(args, tokenizer, image_state, env.rank, env.world_size)
+            metrics.update(zero_shot(model, env.device))
+            metrics["num_zeroshot_images"] = n
+        LOG.info(json.dumps(metrics, indent=1))
+        if args.out and env.is_main:
+            with open(args.out, "w") as f:
+                json.dump(metrics, f, indent=1)
+        return metrics
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    finally:
+        du.cleanup()
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)
