@@ -69,6 +69,48 @@ def measure(model, mode, batch, steps, warmup, device, autocast_dtype):
     return steps * batch[next(iter(batch))].shape[0] / elapsed, peak
 
 
+def measure_timm_beit(model, batch, steps, warmup, device, dtype):
+    """timm's Beit of the same width and depth, relative position bias per layer, trained on the same images
+    with a linear head on the masked tokens (what our image_mim step computes)."""
+    from timm.models.beit import Beit
+
+    c = model.config
+    ref = Beit(img_size=c["img_size"], patch_size=c["patch_size"], embed_dim=c["embed_dim"], depth=c["depth"],
+               num_heads=c["num_heads"], mlp_ratio=c["mlp_ratio"], use_abs_pos_emb=False, use_rel_pos_bias=True,
+               init_values=c["layer_scale_init"], num_classes=0).to(device)
+    head = torch.nn.Linear(c["embed_dim"], c["mim_vocab_size"]).to(device)
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ref, self.head = ref, head
+
+        def forward(self, b, mode):
+            tokens = self.ref.forward_features(b["images"])[:, 1:]
+            mask = b["bool_masked_pos"]
+            logits = self.head(tokens[mask]).float()
+            return {"loss": torch.nn.functional.cross_entropy(logits, b["mim_labels"][mask])}
+
+    return measure(Wrapped(), "image_mim", batch, steps, warmup, device, dtype)
+
+
+def measure_dvae(n_hid, images, steps, device):
+    from models.dvae import DVAEEncoder, DVAETokenizer
+
+    dvae = DVAETokenizer(DVAEEncoder(n_hid=n_hid)).to(device)
+    small = torch.nn.functional.interpolate(images, scale_factor=0.5).clamp(0, 1)
+    for _ in range(2):
+        dvae(small)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        dvae(small)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) / steps
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="vlmo_base_patch16")
@@ -78,7 +120,9 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
-    p.add_argument("--no_reference", action="store_true", help="skip the plain-math attention reference row")
+    p.add_argument("--no_reference", action="store_true", help="skip the reference rows")
+    p.add_argument("--dvae_n_hid", type=int, default=256, help="image_mim: dVAE width for its share of step time "
+                   "(256 = the published DALL-E encoder, random weights)")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
@@ -91,6 +135,15 @@ def main(argv=None):
           f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} threads'})")
     sps, peak = measure(model, args.mode, batch, args.steps, args.warmup, device, dtype)
     print(f"  ours (SDPA attention):     {sps:8.2f} samples/s   peak memory {peak:6.2f} GiB")
+    if not args.no_reference and args.mode == "image_mim":
+        timm_sps, timm_peak = measure_timm_beit(model, batch, args.steps, args.warmup, device, dtype)
+        print(f"  reference (timm Beit, same width/depth, fwd+bwd+AdamW): {timm_sps:7.2f} samples/s   "
+              f"peak memory {timm_peak:6.2f} GiB")
+        print(f"  speed ratio ours/timm: {sps / timm_sps:.2f}x")
+        dvae_s = measure_dvae(args.dvae_n_hid, batch["images"], args.steps, device)
+        step_s = args.batch_size / sps
+        print(f"  dVAE tokenizer (n_hid {args.dvae_n_hid}) on the 112 px views: {dvae_s * 1e3:.1f} ms per batch = "
+              f"{100 * dvae_s / (dvae_s + step_s):.1f}% of a training step with targets")
     if not args.no_reference:
         model.math_attention = True
         ref_sps, ref_peak = measure(model, args.mode, batch, args.steps, args.warmup, device, dtype)
