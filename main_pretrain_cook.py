@@ -10,8 +10,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from custom_datasets.image_dataset import IMAGE_NORMS
 from custom_datasets.pretrain_data import build_pretrain_data
-from util.run_setup import build_evaluators, build_mim_targets, resolve_image_state
-from custom_datasets.tokenizer import load_tokenizer, tokenizer_from_state
+from util.run_setup import build_dual_encoder_run, build_evaluators, build_mim_targets, resolve_image_state
+from custom_datasets.hf_tokenizer import tokenizer_from_any_state
+from custom_datasets.tokenizer import load_tokenizer
 from engine_pretrain import EngineConfig, NonFiniteLoss, train_one_epoch
 from models.loading import check_architecture, load_pretrained_weights
 from models.registry import create_model, model_config, model_names
@@ -29,6 +30,7 @@ from util.resume import plan_resume
 
 DEFAULT_TOKENIZER = "checkpoints/tokenizer/"
 DEFAULT_DVAE = "checkpoints/dall_e_tokenizer_weight/encoder.pkl"
+DUAL_ENCODER = "dual_encoder"
 
 
 def get_args_parser():
@@ -49,6 +51,17 @@ def get_args_parser():
     g.add_argument("--ffn_layout", default="multiway", choices=["multiway", "shared"])
     g.add_argument("--img_size", type=int, default=None, help="default: the model's")
     g.add_argument("--drop_path", type=float, default=0.1)
+    g.add_argument("--image_tower", default="vit_base_patch16_224",
+                   help=f"--model {DUAL_ENCODER}: timm model name of the image tower")
+    g.add_argument("--image_tower_weights", default=None,
+                   help="timm state dict (.pth, {'model': sd} or .safetensors) for the image tower; default random")
+    g.add_argument("--image_tower_kwargs", default=None, help='JSON of extra timm kwargs, e.g. \'{"depth": 6}\'')
+    g.add_argument("--text_tower", default="ours",
+                   help="'ours', or a local Hugging Face BERT/RoBERTa folder (uses its own tokenizer; needs "
+                        "`pip install transformers`)")
+    g.add_argument("--text_tower_kwargs", default=None,
+                   help='JSON for our text tower: width, depth, heads, mlp_ratio (default 512, 12, 8, 4)')
+    g.add_argument("--itc_embed_dim", type=int, default=512, help=f"--model {DUAL_ENCODER}: shared embedding dim")
     g = p.add_argument_group("data")
     g.add_argument("--data_path", default=None, help="training data (required, by flag or --config)")
     g.add_argument("--val_data_path", default=None, help="held-out data evaluated at every epoch end")
@@ -117,8 +130,10 @@ def resolve_mode(args):
 def parse_args(argv=None):
     args = parse_with_config(get_args_parser(), argv)
     args.mode = resolve_mode(args)
-    if args.model not in model_names():
-        raise UserError(f"--model {args.model!r} is unknown; known: {', '.join(model_names())}")
+    if args.model not in model_names() + [DUAL_ENCODER]:
+        raise UserError(f"--model {args.model!r} is unknown; known: {', '.join(model_names() + [DUAL_ENCODER])}")
+    if args.model == DUAL_ENCODER and args.mode != "image_text_itc":
+        raise UserError(f"--model {DUAL_ENCODER} trains only the image_text_itc mode, not {args.mode}")
     if not args.data_path:
         raise UserError("--data_path is required (on the command line or in the --config file)")
     if not os.path.exists(args.data_path):
@@ -158,7 +173,7 @@ def load_run_tokenizer(args, plan):
     state = plan.ckpt.get("tokenizer") if isinstance(plan.ckpt, dict) else None
     if args.tokenizer is None and state:
         LOG.info(f"tokenizer: inherited from {plan.path}")
-        return tokenizer_from_state(state)
+        return tokenizer_from_any_state(state)
     path = args.tokenizer or DEFAULT_TOKENIZER
     tok = load_tokenizer(path, do_lower_case=args.do_lower_case, max_len=args.max_text_len)
     LOG.info(f"tokenizer: {path} ({tok.vocab_size} tokens, lower case {tok.do_lower_case})")
@@ -228,18 +243,23 @@ def run(args, argv):
     torch.manual_seed(args.seed + env.rank)
     plan = plan_resume(args.output_dir, args.resume, args.mode)
     LOG.info(plan.reason)
-    tokenizer = load_run_tokenizer(args, plan)
-    target_fn, mim_vocab = build_mim_targets(args, env.device)
-    overrides = model_overrides(args, tokenizer, mim_vocab)
-    arch = model_config(args.model, **overrides)
+    if args.model == DUAL_ENCODER:
+        model, tokenizer, provided, groups = build_dual_encoder_run(args, plan, lambda: load_run_tokenizer(args, plan))
+        target_fn, arch = None, model.config
+    else:
+        tokenizer = load_run_tokenizer(args, plan)
+        target_fn, mim_vocab = build_mim_targets(args, env.device)
+        overrides = model_overrides(args, tokenizer, mim_vocab)
+        arch = model_config(args.model, **overrides)
     image_state = resolve_image_state(args, plan, arch["img_size"])
-    grid = (arch["img_size"] // arch["patch_size"],) * 2
+    grid = (arch["img_size"] // arch["patch_size"],) * 2 if arch.get("patch_size") else None
     data = build_pretrain_data(args, tokenizer, env.rank, env.world_size, image_state, grid)
     steps_per_epoch = data.batches_per_epoch // args.accum_iter
     if steps_per_epoch < 1:
         raise UserError(f"--data_path: one epoch gives {data.batches_per_epoch} batches per process, fewer than "
                         f"--accum_iter {args.accum_iter}")
-    model, provided, groups = build_model(args, overrides, plan)
+    if args.model != DUAL_ENCODER:
+        model, provided, groups = build_model(args, overrides, plan)
     log_trainable(model, groups)
     model.to(env.device)
     optimizer = build_adamw(model, args.lr, args.weight_decay, tuple(args.opt_betas))

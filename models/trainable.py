@@ -50,6 +50,9 @@ def configure_trainable(model, mode, lora_rank=0, lora_alpha=1.0, provided_keys=
     to provided qkv/proj/fc1/fc2 layers; anything the checkpoint did not provide trains fully.
     lock_image / lock_text (LiT): the tower is frozen; LoRA adapters act on the other modality only.
     """
+    if hasattr(model, "configure_trainable"):  # models with their own towers (models/dual_encoder.py)
+        return model.configure_trainable(mode, lora_rank, lora_alpha, provided_keys, lock_image, lock_text,
+                                         reg_loss_weight)
     provided = set(provided_keys)
     locked = {t for t, on in (("image", lock_image), ("text", lock_text)) if on}
     model.locked_towers = locked

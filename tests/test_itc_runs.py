@@ -88,3 +88,15 @@ def test_clip_diagnostics_and_evaluation_equal_on_one_and_two_ranks(demo_data, t
     # The training run's last held-out numbers are the standalone command's on the same checkpoint.
     assert results[0]["i2t_r1"] == pytest.approx(val[-1]["i2t_r1"]) and \
         results[0]["zeroshot_top1"] == pytest.approx(val[-1]["zeroshot_top1"])
+
+
+def test_dual_encoder_of_a_timm_vit_trains_through_the_same_mode(demo_data, tmp_path):
+    out = str(tmp_path / "dual")
+    args = _args(demo_data, out, "clip", ["--model", "dual_encoder", "--image_tower", "vit_tiny_patch16_224",
+                                          "--image_tower_kwargs", '{"embed_dim": 64, "depth": 2, "num_heads": 2}',
+                                          "--text_tower_kwargs", '{"width": 64, "depth": 2, "heads": 2}',
+                                          "--img_size", "32", "--itc_embed_dim", "32", "--epochs", "1"])
+    run_entry("main_pretrain_cook.py", args)
+    ckpt = load_ckpt(os.path.join(out, "checkpoint-latest.pth"))
+    assert ckpt["model_config"]["image"]["name"] == "vit_tiny_patch16_224"
+    assert read_jsonl(os.path.join(out, "log.jsonl"), "val")[-1]["zeroshot_top1"] >= 0

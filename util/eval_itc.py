@@ -17,7 +17,8 @@ from custom_datasets.image_dataset import build_eval_transform, image_preprocess
 from custom_datasets.loaders import eval_loader  # noqa: E402
 from custom_datasets.pair_collator import PairCollator  # noqa: E402
 from custom_datasets.pair_dataset import build_pair_dataset  # noqa: E402
-from custom_datasets.tokenizer import load_tokenizer, tokenizer_from_state  # noqa: E402
+from custom_datasets.hf_tokenizer import tokenizer_from_any_state  # noqa: E402
+from custom_datasets.tokenizer import load_tokenizer  # noqa: E402
 from models.registry import create_model  # noqa: E402
 from util import dist as du  # noqa: E402
 from util.checkpoint import extract_state_dict, load_file  # noqa: E402
@@ -55,7 +56,11 @@ def load_model(path, device):
     if any(".lora_" in k for k in sd):
         from models.merge import merge_lora_state_dict
         sd = merge_lora_state_dict(sd, ckpt.get("args", {}).get("lora_alpha", 1.0))
-    model = create_model(config["name"], **{k: v for k, v in config.items() if k != "name"})
+    from models.dual_encoder import dual_encoder_from_config, is_dual_encoder_config
+    if is_dual_encoder_config(config):
+        model = dual_encoder_from_config(config)
+    else:
+        model = create_model(config["name"], **{k: v for k, v in config.items() if k != "name"})
     model.load_state_dict(sd)
     return model.to(device).eval(), ckpt
 
@@ -66,7 +71,7 @@ def main(argv=None):
         env = du.init_distributed()
         setup_logging(None, env.rank)
         model, ckpt = load_model(args.checkpoint, env.device)
-        tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else tokenizer_from_state(ckpt["tokenizer"])
+        tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else tokenizer_from_any_state(ckpt["tokenizer"])
         image_state = ckpt.get("image_preprocess") or image_preprocess_state(model.config["img_size"])
         metrics = {}
         if args.val_data_path:

@@ -1,7 +1,7 @@
 """AdamW parameter groups: no weight decay on biases, norms, tokens, embeddings tables and position tables."""
 import torch
 
-_NO_DECAY_NAMES = ("cls_token", "mask_token", "relative_position_bias_table", "position_embeddings",
+_NO_DECAY_NAMES = ("cls_token", "pos_embed", "mask_token", "relative_position_bias_table", "position_embeddings",
                    "token_type_embeddings", "gamma_1", "gamma_2", "logit_scale", "logit_bias", "q_bias", "v_bias")
 
 

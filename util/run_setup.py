@@ -95,3 +95,70 @@ def build_evaluators(args, data, tokenizer, image_state, rank, world_size, targe
         return stats
 
     return evaluate_itc
+
+
+def _json_kwargs(value, flag):
+    """--image_tower_kwargs / --text_tower_kwargs: a JSON object on the command line, a mapping in --config."""
+    if value is None or isinstance(value, dict):
+        return dict(value or {})
+    import json
+
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{flag}: not valid JSON ({e.msg}); e.g. {flag} '{{\"depth\": 2}}'") from None
+    if not isinstance(parsed, dict):
+        raise UserError(f"{flag}: expected a JSON object, e.g. '{{\"depth\": 2}}'")
+    return parsed
+
+
+def build_dual_encoder_run(args, plan, load_our_tokenizer):
+    """(model, tokenizer, provided_keys, trainable groups) of a `--model dual_encoder` run.
+
+    A training checkpoint rebuilds its own architecture and tokenizer (no image weights file or HF folder
+    read); otherwise the flags build it: a Hugging Face --text_tower brings its folder's tokenizer,
+    `load_our_tokenizer()` gives ours; a weights-only --resume then loads the tensors it has."""
+    from custom_datasets.hf_tokenizer import HFTokenizer, tokenizer_from_any_state
+    from models.dual_encoder import (OURS, build_dual_encoder, dual_encoder_from_config, is_dual_encoder_config,
+                                     load_dual_encoder_weights)
+
+    if plan.kind == "train":
+        cfg = plan.ckpt.get("model_config")
+        if not is_dual_encoder_config(cfg):
+            raise UserError(f"--resume {plan.path}: not a dual_encoder checkpoint (--model)")
+        if cfg["image"]["name"] != args.image_tower or (cfg["text"]["kind"] == OURS) != (args.text_tower == OURS):
+            raise UserError(f"--resume {plan.path}: holds a dual encoder of {cfg['image']['name']} + "
+                            f"{cfg['text'].get('path', OURS)}, not --image_tower {args.image_tower} + --text_tower "
+                            f"{args.text_tower}")
+        model, tokenizer = dual_encoder_from_config(cfg), tokenizer_from_any_state(plan.ckpt["tokenizer"])
+        provided = list(plan.ckpt.get("provided_keys", []))
+    else:
+        if args.text_tower == OURS:
+            tokenizer = load_our_tokenizer()
+        elif args.tokenizer:
+            raise UserError("--tokenizer: a Hugging Face --text_tower uses its own folder's tokenizer; drop --tokenizer")
+        else:
+            tokenizer = HFTokenizer(args.text_tower, args.max_text_len)
+            LOG.info(f"tokenizer: {args.text_tower} ({tokenizer.vocab_size} tokens, Hugging Face)")
+        model = build_dual_encoder(args.image_tower, args.text_tower, args.itc_embed_dim, args.itc_loss,
+                                   args.img_size or 224, tokenizer.vocab_size, args.image_tower_weights,
+                                   _json_kwargs(args.image_tower_kwargs, "--image_tower_kwargs"),
+                                   _json_kwargs(args.text_tower_kwargs, "--text_tower_kwargs"),
+                                   max_text_len=max(args.max_text_len, 196) if args.text_tower == OURS
+                                   else args.max_text_len, drop_path=args.drop_path)
+        provided = list(model.pretrained_keys)
+        if plan.kind == "weights":
+            report = load_dual_encoder_weights(model, plan.state_dict, plan.path, "--resume",
+                                               plan.ckpt.get("model_config"))
+            LOG.info(f"loaded {len(report['loaded'])} tensors from {plan.path}; newly initialised "
+                     f"{len(report['missing'])}; unused {len(report['unused'])}; dropped {report['dropped']}")
+            provided = sorted(set(provided) | set(report["loaded"]))
+    groups = model.configure_trainable(args.mode, args.lora_rank, args.lora_alpha, provided, args.lock_image,
+                                       args.lock_text, args.reg_loss_weight if args.use_self_regularization else 0.0)
+    if plan.kind == "train":
+        try:
+            model.load_state_dict(plan.state_dict)
+        except RuntimeError as e:
+            raise UserError(f"--resume {plan.path}: does not match this run's model "
+                            f"({str(e).splitlines()[0]})") from None
+    return model, tokenizer, provided, groups
