@@ -65,6 +65,7 @@ def get_args_parser():
     g = p.add_argument_group("data")
     g.add_argument("--data_path", default=None, help="training data (required, by flag or --config)")
     g.add_argument("--val_data_path", default=None, help="held-out data evaluated at every epoch end")
+    g.add_argument("--eval_first", action="store_true", help="also evaluate before the first step of a fresh run")
     g.add_argument("--tokenizer", default=None,
                    help=f"vocab.txt, tokenizer.json or a folder; default: the resumed checkpoint's, else "
                         f"{DEFAULT_TOKENIZER}")
@@ -105,6 +106,9 @@ def get_args_parser():
     g.add_argument("--max_mask_aspect", type=float, default=1 / 0.3)
     g.add_argument("--itc_loss", default="clip", choices=ITC_LOSSES)
     g.add_argument("--itc_crop_min_scale", type=float, default=0.5)
+    g.add_argument("--itc_pool", default="cls", choices=["cls", "mean"],
+                   help="embedding of each tower: the CLS token (VLMo), or the mean of its tokens, which trains "
+                        "from random initialisation much sooner on small models")
     g.add_argument("--lock_image", action="store_true", help="LiT: image tower frozen, embeddings unchanged")
     g.add_argument("--lock_text", action="store_true")
     g.add_argument("--zeroshot_data_path", default=None, help="ImageNet-style folder for zero-shot evaluation")
@@ -182,7 +186,8 @@ def load_run_tokenizer(args, plan):
 
 def model_overrides(args, tokenizer, mim_vocab=None):
     overrides = dict(vocab_size=tokenizer.vocab_size, ffn_layout=args.ffn_layout, drop_path_rate=args.drop_path,
-                     mim_target=args.mim_target, itc_loss=args.itc_loss, max_text_len=max(args.max_text_len, 196))
+                     mim_target=args.mim_target, itc_loss=args.itc_loss, itc_pool=args.itc_pool,
+                     max_text_len=max(args.max_text_len, 196))
     if args.img_size:
         overrides["img_size"] = args.img_size
     if mim_vocab:
@@ -303,6 +308,8 @@ def run(args, argv):
              f"step {start_step + 1}; {data.num_train} training samples, {data.num_val} held out")
     started = time.time()
     try:
+        if args.eval_first and evaluate_epoch is not None and global_step == 0:
+            held_out(evaluate_epoch, model, cfg, 0, 0, run_log)
         for epoch in range(start_epoch, args.epochs):
             data.train_sampler.set_epoch(epoch, start=start_step * args.accum_iter * args.batch_size)
             global_step = train_one_epoch(ddp, model, data.train_loader, optimizer, scaler, epoch, start_step,
@@ -310,12 +317,7 @@ def run(args, argv):
                                           checkpointer=checkpointer, run_log=run_log, bad_sample_sink=bad_samples)
             start_step = 0
             if evaluate_epoch is not None:
-                stats = evaluate_epoch(model, cfg)
-                LOG.info(f"held-out after epoch {epoch + 1} ({data.num_val} items): "
-                         + " ".join(f"{k} {v:.4f}" for k, v in stats.items()))
-                run_log.write({"epoch": epoch + 1, **stats}, global_step, prefix="val")
-                if not all(math.isfinite(v) for v in stats.values()):
-                    raise NonFiniteLoss(f"non-finite held-out metrics after epoch {epoch + 1}: {stats}")
+                held_out(evaluate_epoch, model, cfg, epoch + 1, global_step, run_log)
             checkpointer.end_of_epoch(epoch, args.epochs, global_step)
     except (NonFiniteLoss, NonFiniteCheckpoint) as e:
         LOG.error(f"stopping: {e}")
@@ -324,6 +326,16 @@ def run(args, argv):
         run_log.close()
     LOG.info(f"done in {(time.time() - started) / 60:.1f} min; checkpoints in {args.output_dir}")
     return 0
+
+
+def held_out(evaluate_epoch, model, cfg, epoch, global_step, run_log):
+    """Evaluate on every rank, log the numbers (console, TensorBoard, log.jsonl); stop on non-finite ones."""
+    stats = evaluate_epoch(model, cfg)
+    when = "before training" if epoch == 0 else f"after epoch {epoch}"
+    LOG.info(f"held-out {when}: " + " ".join(f"{k} {v:.4f}" for k, v in stats.items()))
+    run_log.write({"epoch": epoch, **stats}, global_step, prefix="val")
+    if not all(math.isfinite(v) for v in stats.values()):
+        raise NonFiniteLoss(f"non-finite held-out metrics {when}: {stats}")
 
 
 def _clamp_logit_scale(model):

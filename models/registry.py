@@ -3,7 +3,7 @@ from models.vlmo import VLMo
 
 _DEFAULTS = dict(img_size=224, patch_size=16, mlp_ratio=4.0, vocab_size=30522, max_text_len=196,
                  ffn_layout="multiway", drop_rate=0.0, drop_path_rate=0.0, mim_vocab_size=8192,
-                 mim_target="dalle", itc_loss="clip")
+                 mim_target="dalle", itc_loss="clip", itc_pool="cls")
 
 # Published VLMo/BEiT dimensions; vl_start = first layer (0-based) holding the vision-language expert.
 _ARCHS = {

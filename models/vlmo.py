@@ -14,6 +14,7 @@ from models.multiway_block import LayerNorm, MultiwayBlock
 
 MODES = ("text_mlm", "image_mim", "image_text_itc")
 ITC_LOSSES = ("clip", "siglip")
+ITC_POOLS = ("cls", "mean")
 MIM_TARGETS = ("dalle", "pixel")
 
 
@@ -26,6 +27,8 @@ class VLMo(nn.Module):
         c = self.config
         if c["itc_loss"] not in ITC_LOSSES:
             raise ValueError(f"itc_loss must be one of {ITC_LOSSES}, got {c['itc_loss']!r}")
+        if c["itc_pool"] not in ITC_POOLS:
+            raise ValueError(f"itc_pool must be one of {ITC_POOLS}, got {c['itc_pool']!r}")
         if c["mim_target"] not in MIM_TARGETS:
             raise ValueError(f"mim_target must be one of {MIM_TARGETS}, got {c['mim_target']!r}")
         dim = c["embed_dim"]
@@ -102,14 +105,20 @@ class VLMo(nn.Module):
         return self._run_blocks(self.text_embeddings(text_ids), "text", attn_mask=attn_mask)
 
     def encode_image(self, images):
-        """[B, 3, H, W] -> L2-normalised [B, D] from the image CLS token."""
-        cls = self.norm(self.forward_image_features(images))[:, 0]
-        return F.normalize(self.itc_image_proj(cls), dim=-1)
+        """[B, 3, H, W] -> L2-normalised [B, D] from the image CLS token (or the patch mean, itc_pool="mean")."""
+        h = self.norm(self.forward_image_features(images))
+        pooled = h[:, 1:].mean(1) if self.config["itc_pool"] == "mean" else h[:, 0]
+        return F.normalize(self.itc_image_proj(pooled), dim=-1)
 
     def encode_text(self, text_ids, text_masks):
-        """[B, L] ids and mask -> L2-normalised [B, D] from the text CLS token."""
-        cls = self.norm(self.forward_text_features(text_ids, text_masks))[:, 0]
-        return F.normalize(self.itc_text_proj(cls), dim=-1)
+        """[B, L] ids and mask -> L2-normalised [B, D] from the text CLS token (or the token mean)."""
+        h = self.norm(self.forward_text_features(text_ids, text_masks))
+        if self.config["itc_pool"] == "mean":
+            w = text_masks.unsqueeze(-1).to(h.dtype)
+            pooled = (h * w).sum(1) / w.sum(1).clamp(min=1)
+        else:
+            pooled = h[:, 0]
+        return F.normalize(self.itc_text_proj(pooled), dim=-1)
 
     # ---- training entry ----
     def self_regularization_loss(self):
