@@ -36,7 +36,7 @@ class Attention(nn.Module):
         """x [B, L, D]; attn_mask: bool [B, 1, 1, L] (True = attend) or None. Returns [B, L, D]."""
         b, length, dim = x.shape
         qkv_bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
-        qkv = self.qkv(x, use_lora=use_lora) + qkv_bias
+        qkv = self.qkv(x, use_lora=use_lora, bias=qkv_bias)
         q, k, v = qkv.view(b, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         mask = attn_mask
         if use_rel_pos:

@@ -50,8 +50,9 @@ class LoRALinear(nn.Linear):
         self.lora_B = None
         self.lora_scale = 0.0
 
-    def forward(self, x, use_lora=True):
-        out = F.linear(x, self.weight, self.bias)
+    def forward(self, x, use_lora=True, bias=None):
+        """bias: replaces `self.bias` for this call (BEiT's qkv bias is assembled from q_bias and v_bias)."""
+        out = F.linear(x, self.weight, self.bias if bias is None else bias)
         if use_lora and self.lora_A is not None:
             out = out + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.lora_scale
         return out
