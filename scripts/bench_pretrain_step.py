@@ -120,6 +120,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    p.add_argument("--itc_loss", default="clip", choices=["clip", "siglip"])
     p.add_argument("--no_reference", action="store_true", help="skip the reference rows")
     p.add_argument("--dvae_n_hid", type=int, default=256, help="image_mim: dVAE width for its share of step time "
                    "(256 = the published DALL-E encoder, random weights)")
@@ -128,10 +129,11 @@ def main(argv=None):
     precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     dtype = torch.bfloat16 if precision == "bf16" else None
     torch.manual_seed(0)
-    model = create_model(args.model, mim_target="dalle").to(device)
+    model = create_model(args.model, mim_target="dalle", itc_loss=args.itc_loss).to(device)
     configure_trainable(model, args.mode)
     batch = make_batch(args.mode, model, args.batch_size, args.seq_len, device, torch.Generator().manual_seed(0))
-    print(f"{args.mode} step | {args.model} | batch {args.batch_size} | {precision} | {device} "
+    loss_note = f" ({args.itc_loss})" if args.mode == "image_text_itc" else ""
+    print(f"{args.mode}{loss_note} step | {args.model} | batch {args.batch_size} | {precision} | {device} "
           f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} threads'})")
     sps, peak = measure(model, args.mode, batch, args.steps, args.warmup, device, dtype)
     print(f"  ours (SDPA attention):     {sps:8.2f} samples/s   peak memory {peak:6.2f} GiB")
