@@ -40,7 +40,7 @@ from models.registry import model_names  # noqa: E402
 from models.relative_position import resize_relative_position_table  # noqa: E402
 from models.vlmo import VLMo  # noqa: E402
 from util.checkpoint import extract_state_dict, save_atomic  # noqa: E402
-from util.errors import UserError  # noqa: E402
+from util.errors import UserError, run_cli  # noqa: E402
 
 DEFAULT_SRC = "checkpoints/beit_base_patch16_224_pt22k_ft22kto1k.pth"
 DEFAULT_DST = "checkpoints/beit_base_patch16_224_pt22k_ft22kto1k_transfertovlmo.pth"
@@ -258,8 +258,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main)

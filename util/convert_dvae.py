@@ -19,7 +19,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import torch  # noqa: E402
 
 from models.dvae import load_dvae_encoder, save_dvae_safetensors  # noqa: E402
-from util.errors import UserError  # noqa: E402
+from util.errors import UserError, run_cli  # noqa: E402
 
 DEFAULT_SRC = "checkpoints/dall_e_tokenizer_weight/encoder.pkl"
 DEFAULT_DST = "checkpoints/dall_e_tokenizer_weight/encoder.safetensors"
@@ -54,8 +54,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main)

@@ -23,7 +23,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 from custom_datasets.pair_dataset import (  # noqa: E402
     BadSample, build_pair_dataset, decode_image, is_shard_path)
-from util.errors import UserError  # noqa: E402
+from util.errors import UserError, run_cli  # noqa: E402
 
 KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 
@@ -99,8 +99,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main)
