@@ -119,6 +119,9 @@ def get_args_parser():
     g.add_argument("--save_per_epochs", type=int, default=20, help="keep a copy every N epochs")
     g.add_argument("--save_every_minutes", type=float, default=30.0)
     g.add_argument("--save_every_steps", type=int, default=0)
+    g.add_argument("--save_merged_lora_model", action="store_true",
+                   help="at the end, also write checkpoint-merged.pth: LoRA adapters merged into the weights, no "
+                        "lora_* tensors (the file the next stage resumes from)")
     return p
 
 
@@ -324,6 +327,12 @@ def run(args, argv):
         raise SystemExit(3) from None
     finally:
         run_log.close()
+    if args.save_merged_lora_model and args.lora_rank > 0 and env.is_main:
+        from util.merge_lora import write_merged
+        dst = os.path.join(args.output_dir, "checkpoint-merged.pth")
+        rep = write_merged(build_state(args.epochs, 0, global_step), dst,
+                           source=os.path.join(args.output_dir, "checkpoint-latest.pth"))
+        LOG.info(f"merged {len(rep['layers'])} LoRA layers (rank {rep['rank']}, alpha {rep['alpha']:g}) -> {dst}")
     LOG.info(f"done in {(time.time() - started) / 60:.1f} min; checkpoints in {args.output_dir}")
     return 0
 
