@@ -1,0 +1,437 @@
+"""Fine-tuning entry point: args -> data -> model -> engine, for every task in tasks/.
+
+    torchrun --nproc_per_node=8 main_finetune.py --task image_classification --finetune <pretrain ckpt> ...
+    torchrun --nproc_per_node=8 main_finetune.py --task image_classification --eval --resume <fine-tuned ckpt> ...
+"""
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from custom_datasets.finetune_data import resolve_image_preprocess, resolve_tokenizer
+from engine_finetune import FinetuneConfig, NonFiniteLoss, evaluate, train_one_epoch
+from models.loading import check_architecture
+from models.registry import create_model, model_config, model_names
+from models.vlmo import ITC_LOSSES
+from tasks import all_tasks, get_task, task_names
+from tasks.base import (GLOBAL_POOLS, FinetuneModel, WeightEma, discard_pretraining_heads, load_backbone_weights,
+                        set_trainable)
+from util import dist as du
+from util.checkpoint import LATEST, extract_state_dict, is_training_checkpoint, latest_in, load_file, set_rng_state
+from util.checkpointer import Checkpointer, NonFiniteCheckpoint
+from util.config import make_parser, parse_with_config, write_args_json
+from util.errors import UserError
+from util.layer_decay import layer_decay_scale
+from util.logger import LOG, RunLog, setup_logging
+from util.optim_factory import build_adamw
+from util.resume import plan_resume
+
+DEFAULT_TOKENIZER = "checkpoints/tokenizer/"
+DEFAULT_MODEL = "vlmo_base_patch16"
+BEST = "checkpoint-best.pth"
+# Backbone settings a run inherits from its checkpoint's model_config unless a flag says otherwise.
+_INHERITED_CONFIG = ("ffn_layout", "itc_loss", "max_text_len", "vocab_size", "mim_target", "mim_vocab_size")
+
+
+def get_args_parser():
+    p = make_parser("Fine-tune a VLMo-style multiway transformer on a downstream task")
+    g = p.add_argument_group("run")
+    g.add_argument("--task", default=None, help=f"one of: {', '.join(task_names())}")
+    g.add_argument("--eval", action="store_true", help="only evaluate --resume (or --finetune) and exit")
+    g.add_argument("--output_dir", default="outputs/finetune")
+    g.add_argument("--log_dir", default=None, help="TensorBoard folder (default: --output_dir)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--log_freq", type=int, default=20, help="optimizer steps between log lines")
+    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto: bf16 autocast on CUDA, fp32 on CPU")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    g.add_argument("--dist_backend", default=None, help="default: nccl with CUDA, gloo on CPU")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=None, help=f"default: the checkpoint's, else {DEFAULT_MODEL}")
+    g.add_argument("--finetune", default="", help="pretraining checkpoint (training or merged weights) to start from")
+    g.add_argument("--ffn_layout", default=None, choices=["multiway", "shared"], help="default: the checkpoint's")
+    g.add_argument("--itc_loss", default=None, choices=ITC_LOSSES, help="default: the checkpoint's")
+    g.add_argument("--drop_path", type=float, default=0.1)
+    g.add_argument("--global_pool", default="avg", choices=GLOBAL_POOLS,
+                   help="classification/regression heads: mean of the tokens, or the CLS token")
+    g.add_argument("--lora_rank", type=int, default=0, help="> 0: LoRA on the weights --finetune provided")
+    g.add_argument("--lora_alpha", type=float, default=1.0, help="scale = alpha / rank")
+    g.add_argument("--ema", action="store_true", help="keep an EMA of the weights (evaluated and saved)")
+    g.add_argument("--ema_decay", type=float, default=0.9999)
+    g = p.add_argument_group("data (the checkpoint's tokenizer and image preprocessing unless given)")
+    g.add_argument("--data_path", default=None)
+    g.add_argument("--val_data_path", default=None)
+    g.add_argument("--nb_classes", type=int, default=None, help="default: from the training data")
+    g.add_argument("--tokenizer", default=None, help=f"vocab.txt, tokenizer.json or a folder; default: the "
+                                                     f"checkpoint's, else {DEFAULT_TOKENIZER}")
+    g.add_argument("--do_lower_case", default=None, action=argparse.BooleanOptionalAction)
+    g.add_argument("--img_size", type=int, default=None)
+    g.add_argument("--image_norm", default=None, help="beit, imagenet or clip mean/std")
+    g.add_argument("--interpolation", default=None, help="bicubic, bilinear, lanczos or nearest")
+    g.add_argument("--crop_pct", type=float, default=None, help="evaluation centre crop / resized side")
+    g.add_argument("--num_workers", type=int, default=8)
+    g.add_argument("--pin_mem", default=True, action=argparse.BooleanOptionalAction)
+    g = p.add_argument_group("regularisation")
+    g.add_argument("--mixup", type=float, default=0.0, help="mixup alpha (image classification)")
+    g.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha (image classification)")
+    g.add_argument("--smoothing", type=float, default=0.1, help="label smoothing (classification)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--batch_size", type=int, default=64, help="per process, per accumulation step")
+    g.add_argument("--accum_iter", type=int, default=1)
+    g.add_argument("--epochs", type=int, default=30)
+    g.add_argument("--warmup_epochs", type=float, default=5)
+    g.add_argument("--blr", type=float, default=5e-4, help="lr = blr * effective batch / 256")
+    g.add_argument("--lr", type=float, default=None, help="absolute lr (overrides --blr)")
+    g.add_argument("--min_lr", type=float, default=1e-6)
+    g.add_argument("--layer_decay", type=float, default=0.75, help="lr scale per layer down from the top")
+    g.add_argument("--weight_decay", type=float, default=0.05)
+    g.add_argument("--opt_betas", type=float, nargs=2, default=[0.9, 0.999])
+    g.add_argument("--clip_grad", type=float, default=None)
+    g = p.add_argument_group("checkpoints")
+    g.add_argument("--resume", default="", help="fine-tuning checkpoint of this task, or 'auto'")
+    g.add_argument("--save_per_epochs", type=int, default=0, help="keep a copy every N epochs (0: last only)")
+    g.add_argument("--save_every_minutes", type=float, default=30.0)
+    g.add_argument("--save_every_steps", type=int, default=0)
+    for task in all_tasks():
+        task.add_args(p)
+    return p
+
+
+def parse_args(argv=None):
+    args = parse_with_config(get_args_parser(), argv)
+    if args.task not in task_names():
+        raise UserError(f"--task {args.task!r}: choose one of {', '.join(task_names())}")
+    if args.model is not None and args.model not in model_names():
+        raise UserError(f"--model {args.model!r} is unknown; known: {', '.join(model_names())}")
+    for flag in ("batch_size", "accum_iter", "epochs"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag} must be >= 1")
+    for path_flag in ("finetune", "data_path", "val_data_path"):
+        path = getattr(args, path_flag)
+        if path and not os.path.exists(path):
+            raise UserError(f"--{path_flag}: not found: {path}")
+    if not 0 < args.layer_decay <= 1:
+        raise UserError(f"--layer_decay must be in (0, 1], got {args.layer_decay}")
+    if args.lora_rank < 0:
+        raise UserError("--lora_rank must be >= 0")
+    if not 0 <= args.ema_decay < 1:
+        raise UserError(f"--ema_decay must be in [0, 1), got {args.ema_decay}")
+    args.log_dir = args.log_dir or args.output_dir
+    return args
+
+
+def resolve_run_args(args, world_size):
+    """Everything derived from the launch, resolved once (saved to args.json, never changed after)."""
+    args.world_size = world_size
+    args.effective_batch_size = args.batch_size * args.accum_iter * world_size
+    if args.lr is None:
+        args.lr = args.blr * args.effective_batch_size / 256
+    return args
+
+
+def finetune_mode(task_name):
+    return f"finetune:{task_name}"
+
+
+@dataclass
+class Start:
+    kind: str  # "resume" (a fine-tuning checkpoint of this task) | "finetune" (pretrained weights) | "scratch"
+    path: str = None
+    ckpt: dict = None
+    reason: str = "no --finetune: the backbone starts from random initialisation"
+
+
+def _not_this_task(ckpt, path, task):
+    if isinstance(ckpt, dict) and ckpt.get("task") and ckpt.get("task") != task:
+        return UserError(f"--resume {path}: a fine-tuning checkpoint of task {ckpt['task']!r}, not {task!r}")
+    return UserError(f"--resume {path}: not a fine-tuning checkpoint of {task}; start from pretrained weights "
+                     "with --finetune instead")
+
+
+def find_start(args):
+    """Which checkpoint the run starts from. Training: this run's own latest checkpoint wins (requeue), then
+    --resume, then --finetune. --eval: exactly the --resume file (or --finetune weights)."""
+    mode = finetune_mode(args.task)
+    if args.eval:
+        if args.resume:
+            path = latest_in(args.output_dir) if args.resume == "auto" else args.resume
+            if path is None:
+                raise UserError(f"--eval --resume auto: no {LATEST} in --output_dir {args.output_dir}")
+            ckpt = load_file(path, "--resume")
+            if not is_training_checkpoint(ckpt) or ckpt.get("mode") != mode:
+                raise _not_this_task(ckpt, path, args.task)
+            return Start("resume", path, ckpt, f"evaluating {path} (epoch {ckpt['epoch']})")
+        if args.finetune:
+            return Start("finetune", args.finetune, _load_weights(args.finetune),
+                         f"evaluating the pretrained weights of {args.finetune} (any task head is untrained)")
+        raise UserError("--eval needs --resume <fine-tuned checkpoint> (or --finetune <pretrained weights>)")
+    plan = plan_resume(args.output_dir, args.resume, mode)
+    if plan.kind == "train":
+        return Start("resume", plan.path, plan.ckpt, plan.reason)
+    if plan.kind == "weights":
+        raise _not_this_task(plan.ckpt, plan.path, args.task)
+    if args.finetune:
+        return Start("finetune", args.finetune, _load_weights(args.finetune), f"fine-tuning from {args.finetune}")
+    return Start("scratch", reason=plan.reason if args.resume else Start.reason)
+
+
+def _load_weights(path):
+    ckpt = load_file(path, "--finetune")
+    if extract_state_dict(ckpt) is None:
+        raise UserError(f"--finetune {path}: no model weights found (expected a state dict, possibly under 'model')")
+    return ckpt if isinstance(ckpt, dict) and "model" in ckpt else {"model": extract_state_dict(ckpt)}
+
+
+def backbone_settings(args, ckpt_config, tokenizer):
+    """(model name, create_model overrides) from the flags, the checkpoint's model_config and the tokenizer."""
+    ckpt_config = ckpt_config or {}
+    name = args.model or ckpt_config.get("name") or DEFAULT_MODEL
+    overrides = {k: ckpt_config[k] for k in _INHERITED_CONFIG if k in ckpt_config}
+    if args.ffn_layout:
+        overrides["ffn_layout"] = args.ffn_layout
+    if args.itc_loss:
+        overrides["itc_loss"] = args.itc_loss
+    if tokenizer is not None:
+        overrides["vocab_size"] = tokenizer.vocab_size
+        overrides["max_text_len"] = max(overrides.get("max_text_len", 196), tokenizer.max_len)
+    overrides["drop_path_rate"] = args.drop_path
+    return name, overrides
+
+
+def build_model(args, task, name, overrides, start):
+    """Backbone (pretraining heads the task does not use discarded, weights loaded) + the task's head, with
+    everything off the task's path frozen. Returns (FinetuneModel, provided keys, trainable groups)."""
+    backbone = create_model(name, **overrides)
+    discarded = discard_pretraining_heads(backbone, task.keep_heads)
+    provided = []
+    if start.kind == "finetune":
+        report, lines = load_backbone_weights(backbone, extract_state_dict(start.ckpt), start.path,
+                                              start.ckpt.get("model_config"), discarded)
+        for line in lines:
+            LOG.info(line)
+        provided = report["loaded"]
+    elif start.kind == "resume":
+        check_architecture(start.ckpt.get("model_config"), backbone.config, start.path, "--resume")
+        provided = start.ckpt.get("provided_keys", [])
+    if args.lora_rank and not provided:
+        LOG.info("--lora_rank: no pretrained weights were loaded, so nothing is adapted; everything trains fully")
+    head = task.build_head(backbone)
+    groups = set_trainable(backbone, head, task, args.lora_rank, args.lora_alpha, provided)
+    model = FinetuneModel(backbone, head, task)
+    if start.kind == "resume":
+        try:
+            model.load_state_dict(start.ckpt["model"])
+        except RuntimeError as e:
+            raise UserError(f"--resume {start.path}: does not match this run's model (check --lora_rank, "
+                            f"--nb_classes): {str(e).splitlines()[0]}") from None
+    return model, provided, groups
+
+
+def log_trainable(model, groups):
+    params = dict(model.named_parameters())
+    total = sum(p.numel() for p in model.parameters())
+    counts = {g: sum(params[n].numel() for n in names) for g, names in groups.items()}
+    LOG.info(f"parameters: {total / 1e6:.2f}M total, {sum(counts.values()) / 1e6:.3f}M trainable: "
+             + ", ".join(f"{g} {n / 1e6:.3f}M ({len(groups[g])} tensors)" for g, n in sorted(counts.items())))
+
+
+def autocast_setup(precision, device):
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return dtype, (torch.amp.GradScaler(device.type) if precision == "fp16" else None)
+
+
+def main(argv=None):
+    try:
+        args = parse_args(argv)
+        return run(args, argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    finally:
+        du.cleanup()
+
+
+def run(args, argv):
+    env = du.init_distributed(args.dist_backend, "cpu" if args.device == "cpu" else None)
+    if args.device == "cuda" and env.device.type != "cuda":
+        raise UserError("--device cuda: no CUDA device is available")
+    resolve_run_args(args, env.world_size)
+    os.makedirs(args.output_dir, exist_ok=True)
+    setup_logging(args.output_dir, env.rank, "console_eval.log" if args.eval else "console.log")
+    task_cls = get_task(args.task)
+    start = find_start(args)
+    LOG.info(f"task {args.task} | {env.world_size} process(es) via {env.launcher} on {env.device} | "
+             f"effective batch {args.effective_batch_size} | lr {args.lr:.3e} | {start.reason}")
+    ckpt = start.ckpt or {}
+    if args.eval and start.kind == "resume":  # the checkpoint's adapters define the network being evaluated
+        args.lora_rank = int(ckpt.get("args", {}).get("lora_rank", args.lora_rank))
+        args.lora_alpha = float(ckpt.get("args", {}).get("lora_alpha", args.lora_alpha))
+    tokenizer = resolve_tokenizer(args.tokenizer, args.do_lower_case, ckpt.get("tokenizer"), start.path,
+                                  task_cls.needs_tokenizer, DEFAULT_TOKENIZER)
+    name, overrides = backbone_settings(args, ckpt.get("model_config"), tokenizer)
+    preprocess = resolve_image_preprocess(ckpt.get("image_preprocess"), start.path,
+                                          model_config(name, **overrides)["img_size"], args.img_size,
+                                          args.image_norm, args.interpolation, args.crop_pct)
+    overrides["img_size"] = preprocess["img_size"]
+    task = task_cls(args, ckpt.get("task_state") if start.kind == "resume" else None)
+    data = task.build_data(tokenizer, preprocess, env.rank, env.world_size, train=not args.eval)
+    torch.manual_seed(args.seed)  # the same initial head on every rank
+    model, provided, groups = build_model(args, task, name, overrides, start)
+    if not args.eval:
+        log_trainable(model, groups)
+    model.to(env.device)
+    autocast_dtype, scaler = autocast_setup(args.precision, env.device)
+    torch.manual_seed(args.seed + env.rank)  # drop path differs per rank
+    if args.eval:
+        return run_eval(args, env, model, data, start, autocast_dtype, argv)
+    steps_per_epoch = data.batches_per_epoch // args.accum_iter
+    if steps_per_epoch < 1:
+        raise UserError(f"--data_path: one epoch gives {data.batches_per_epoch} batches per process, fewer than "
+                        f"--accum_iter {args.accum_iter}")
+    optimizer = build_adamw(model, args.lr, args.weight_decay, tuple(args.opt_betas),
+                            lr_scale_of=layer_decay_scale(model.backbone.config["depth"], args.layer_decay))
+    ema = WeightEma(model, args.ema_decay) if args.ema else None
+    start_epoch, start_step, global_step, best = 0, 0, 0, {"value": None, "epoch": None}
+    if start.kind == "resume":
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if scaler is not None and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        if ema is not None and ckpt.get("model_ema") is not None:
+            ema.load_state_dict(ckpt["model_ema"])
+        start_epoch, start_step, global_step = ckpt["epoch"], ckpt["step_in_epoch"], ckpt["global_step"]
+        best = {"value": ckpt.get("best_metric"), "epoch": ckpt.get("best_epoch")}
+        rngs = ckpt.get("rng") or []
+        if rngs:
+            set_rng_state(rngs[env.rank % len(rngs)])
+    ddp = DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None) \
+        if env.distributed else model
+    cfg = FinetuneConfig(env.device, steps_per_epoch, args.epochs, args.effective_batch_size, args.lr, args.min_lr,
+                         int(args.warmup_epochs * steps_per_epoch), args.accum_iter, args.clip_grad, autocast_dtype,
+                         args.log_freq)
+    if env.is_main:
+        write_args_json(os.path.join(args.output_dir, "args.json"), args, argv, env.world_size,
+                        {"model_config": model.backbone.config, "start": start.kind, "started_from": start.path,
+                         "task_state": task.state, "image_preprocess": preprocess, "steps_per_epoch": steps_per_epoch,
+                         "num_train": data.num_train, "num_val": data.num_val})
+
+    def build_state(epoch, step_in_epoch, step):
+        return {"model": model.state_dict(), "model_ema": ema.state_dict() if ema is not None else None,
+                "model_config": model.backbone.config, "task": args.task, "task_state": task.state,
+                "main_metric": task.main_metric, "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None, "epoch": epoch,
+                "step_in_epoch": step_in_epoch, "global_step": step, "mode": finetune_mode(args.task),
+                "batches_consumed": step_in_epoch * args.accum_iter, "args": _plain(vars(args)),
+                "provided_keys": list(provided), "tokenizer": tokenizer.to_state() if tokenizer is not None else None,
+                "image_preprocess": dict(preprocess), "best_metric": best["value"], "best_epoch": best["epoch"]}
+
+    checkpointer = Checkpointer(args.output_dir, build_state, env.device, args.save_per_epochs, args.save_every_steps,
+                                args.save_every_minutes)
+    run_log = RunLog(args.output_dir, args.log_dir, env.is_main)
+    if start_epoch >= args.epochs:
+        LOG.info(f"nothing to do: the checkpoint is at epoch {start_epoch} of {args.epochs}")
+    LOG.info(f"training {args.epochs - start_epoch} epoch(s) of {steps_per_epoch} steps from epoch {start_epoch + 1} "
+             f"step {start_step + 1}; {data.num_train} training items, {data.num_val} evaluation items")
+    started = time.time()
+    try:
+        for epoch in range(start_epoch, args.epochs):
+            data.train_sampler.set_epoch(epoch, start=start_step * args.accum_iter * args.batch_size)
+            global_step = train_one_epoch(ddp, model, data.train_loader, optimizer, scaler, epoch, start_step,
+                                          global_step, cfg, ema=ema, post_step=task.post_step(model.backbone),
+                                          checkpointer=checkpointer, run_log=run_log,
+                                          bad_sample_sink=_bad_sample_sink(args.output_dir, env.rank))
+            start_step = 0
+            stats = evaluate_all(model, ema, data, cfg)
+            LOG.info(f"evaluation after epoch {epoch + 1} ({data.num_val} items): " + _fmt(stats))
+            run_log.write({"epoch": epoch + 1, **stats}, global_step, prefix="val")
+            if not all(_finite(v) for v in stats.values()):
+                raise NonFiniteLoss(f"non-finite evaluation metrics after epoch {epoch + 1}: {stats}")
+            improved = best["value"] is None or stats[task.main_metric] > best["value"]
+            if improved:
+                best = {"value": stats[task.main_metric], "epoch": epoch + 1}
+            checkpointer.end_of_epoch(epoch, args.epochs, global_step)
+            if improved and env.is_main:
+                _copy_atomic(os.path.join(args.output_dir, LATEST), os.path.join(args.output_dir, BEST))
+                LOG.info(f"new best {task.main_metric} {best['value']:.4f}: saved {BEST}")
+    except (NonFiniteLoss, NonFiniteCheckpoint) as e:
+        LOG.error(f"stopping: {e}")
+        raise SystemExit(3) from None
+    finally:
+        run_log.close()
+    if best["value"] is not None:
+        LOG.info(f"best {task.main_metric} {best['value']:.4f} after epoch {best['epoch']}")
+    LOG.info(f"done in {(time.time() - started) / 60:.1f} min; checkpoints in {args.output_dir}")
+    return 0
+
+
+def evaluate_all(model, ema, data, cfg):
+    """The model's metrics, plus the EMA weights' as ema_<name>."""
+    stats = evaluate(model, data.val_loader, data.num_val, cfg)
+    if ema is not None:
+        stats.update({f"ema_{k}": v for k, v in evaluate(ema.module, data.val_loader, data.num_val, cfg).items()
+                      if k != "n_items"})
+    return stats
+
+
+def run_eval(args, env, model, data, start, autocast_dtype, argv):
+    ckpt = start.ckpt or {}
+    ema = None
+    if start.kind == "resume" and ckpt.get("model_ema") is not None:
+        ema = WeightEma(model, 0.0)
+        ema.load_state_dict(ckpt["model_ema"])
+    cfg = FinetuneConfig(env.device, 0, 0, args.effective_batch_size, 0.0, 0.0, 0, autocast_dtype=autocast_dtype)
+    if env.is_main:
+        write_args_json(os.path.join(args.output_dir, "args_eval.json"), args, argv, env.world_size,
+                        {"evaluated": start.path, "start": start.kind, "task_state": model.task.state})
+    stats = evaluate_all(model, ema, data, cfg)
+    LOG.info(f"evaluation of {start.path} ({data.num_val} items): " + _fmt(stats))
+    run_log = RunLog(args.output_dir, None, env.is_main)
+    run_log.write({"checkpoint": start.path, "checkpoint_epoch": ckpt.get("epoch"), **stats},
+                  int(ckpt.get("global_step", 0)), prefix="eval")
+    run_log.close()
+    if env.is_main:
+        print(json.dumps(stats), flush=True)
+    return 0
+
+
+def _bad_sample_sink(output_dir, rank):
+    path = os.path.join(output_dir, f"bad_samples_rank{rank}.tsv")
+
+    def sink(items, epoch):
+        if not items:
+            return
+        with open(path, "a", encoding="utf-8") as f:
+            f.writelines(f"{epoch}\t{p}\t{why}\n" for p, why in items)
+        LOG.warning(f"replaced {len(items)} unreadable sample(s), listed in {path}: "
+                    + "; ".join(f"{p} ({why})" for p, why in items[:3]))
+    return sink
+
+
+def _copy_atomic(src, dst):
+    shutil.copyfile(src, f"{dst}.tmp")
+    os.replace(f"{dst}.tmp", dst)
+
+
+def _finite(v):
+    return not isinstance(v, float) or v == v and abs(v) != float("inf")
+
+
+def _fmt(stats):
+    return " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items())
+
+
+def _plain(d):
+    """args as str/int/float/bool/None/list only (checkpoints load with weights_only=True)."""
+    return {k: v if isinstance(v, (str, int, float, bool, type(None))) else
+            list(v) if isinstance(v, (list, tuple)) else str(v) for k, v in d.items()}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
