@@ -14,6 +14,7 @@ from engine_pretrain import NonFiniteLoss
 from util import dist as du
 from util.logger import LOG, MetricWindow, format_duration, peak_memory_gb
 from util.lr_sched import lr_at_step, set_lr
+from util.run_common import optimizer_step
 
 __all__ = ["FinetuneConfig", "NonFiniteLoss", "evaluate", "train_one_epoch"]
 
@@ -83,19 +84,7 @@ def train_one_epoch(model, raw_model, loader, optimizer, scaler, epoch, start_st
                 step_metrics[k] = step_metrics.get(k, 0) + v.detach().float() / cfg.accum_iter
         window.add(step_metrics)
         log_now = (step + 1) % cfg.log_freq == 0 or step + 1 == cfg.steps_per_epoch
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-        grad_norm = None
-        if cfg.clip_grad or log_now:
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.clip_grad or float("inf"))
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if post_step is not None:
-            post_step()
+        grad_norm = optimizer_step(optimizer, scaler, trainable, cfg.clip_grad, log_now, post_step)
         if ema is not None:
             ema.update()
         global_step += 1

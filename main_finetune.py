@@ -31,6 +31,7 @@ from util.layer_decay import layer_decay_scale
 from util.logger import LOG, RunLog, setup_logging
 from util.optim_factory import build_adamw
 from util.resume import plan_resume
+from util.run_common import autocast_setup, entry_point, log_trainable
 
 DEFAULT_TOKENIZER = "checkpoints/tokenizer/"
 DEFAULT_MODEL = "vlmo_base_patch16"
@@ -233,30 +234,12 @@ def build_model(args, task, name, overrides, start):
     return model, provided, groups
 
 
-def log_trainable(model, groups):
-    params = dict(model.named_parameters())
-    total = sum(p.numel() for p in model.parameters())
-    counts = {g: sum(params[n].numel() for n in names) for g, names in groups.items()}
-    LOG.info(f"parameters: {total / 1e6:.2f}M total, {sum(counts.values()) / 1e6:.3f}M trainable: "
-             + ", ".join(f"{g} {n / 1e6:.3f}M ({len(groups[g])} tensors)" for g, n in sorted(counts.items())))
 
 
-def autocast_setup(precision, device):
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    return dtype, (torch.amp.GradScaler(device.type) if precision == "fp16" else None)
 
 
 def main(argv=None):
-    try:
-        args = parse_args(argv)
-        return run(args, argv)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
-    finally:
-        du.cleanup()
+    return entry_point(parse_args, run, argv)
 
 
 def run(args, argv):

@@ -10,7 +10,6 @@ from torch.nn.parallel import DistributedDataParallel
 
 from custom_datasets.image_dataset import IMAGE_NORMS
 from custom_datasets.pretrain_data import build_pretrain_data
-from util.run_setup import build_dual_encoder_run, build_evaluators, build_mim_targets, resolve_image_state
 from custom_datasets.hf_tokenizer import tokenizer_from_any_state
 from custom_datasets.tokenizer import load_tokenizer
 from engine_pretrain import EngineConfig, NonFiniteLoss, train_one_epoch
@@ -27,6 +26,8 @@ from util.errors import UserError
 from util.logger import LOG, RunLog, setup_logging
 from util.optim_factory import build_adamw
 from util.resume import plan_resume
+from util.run_common import autocast_setup, entry_point, log_trainable
+from util.run_setup import build_dual_encoder_run, build_evaluators, build_mim_targets, resolve_image_state
 
 DEFAULT_TOKENIZER = "checkpoints/tokenizer/"
 DEFAULT_DVAE = "checkpoints/dall_e_tokenizer_weight/encoder.pkl"
@@ -168,12 +169,6 @@ def resolve_run_args(args, world_size):
     return args
 
 
-def autocast_setup(precision, device):
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
-    return dtype, scaler
 
 
 def load_run_tokenizer(args, plan):
@@ -221,22 +216,10 @@ def build_model(args, overrides, plan):
     return model, provided, groups
 
 
-def log_trainable(model, groups):
-    total = sum(p.numel() for p in model.parameters())
-    trainable = {g: sum(dict(model.named_parameters())[n].numel() for n in names) for g, names in groups.items()}
-    LOG.info(f"parameters: {total / 1e6:.2f}M total, {sum(trainable.values()) / 1e6:.3f}M trainable "
-             + ", ".join(f"{g} {n / 1e6:.3f}M ({len(groups[g])} tensors)" for g, n in sorted(trainable.items())))
 
 
 def main(argv=None):
-    try:
-        args = parse_args(argv)
-        return run(args, argv)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
-    finally:
-        du.cleanup()
+    return entry_point(parse_args, run, argv)
 
 
 def run(args, argv):

@@ -1,0 +1,57 @@
+"""Pieces every entry point and training loop share: precision setup, the trainable-parameter report, the
+optimizer step, and the `main()` wrapper that turns a UserError into one line and exit code 2."""
+import sys
+
+import torch
+
+from util import dist as du
+from util.errors import UserError
+from util.logger import LOG
+
+
+def autocast_setup(precision, device):
+    """(autocast dtype or None, GradScaler or None): auto = bf16 on CUDA, fp32 on CPU; fp16 gets a scaler."""
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return dtype, (torch.amp.GradScaler(device.type) if precision == "fp16" else None)
+
+
+def log_trainable(model, groups):
+    """One line: total parameters, trainable ones, and each group's count."""
+    params = dict(model.named_parameters())
+    total = sum(p.numel() for p in model.parameters())
+    counts = {g: sum(params[n].numel() for n in names) for g, names in groups.items()}
+    LOG.info(f"parameters: {total / 1e6:.2f}M total, {sum(counts.values()) / 1e6:.3f}M trainable: "
+             + ", ".join(f"{g} {n / 1e6:.3f}M ({len(groups[g])} tensors)" for g, n in sorted(counts.items())))
+
+
+def optimizer_step(optimizer, scaler, trainable, clip_grad, need_grad_norm, post_step=None):
+    """Unscale, clip (or just measure when `need_grad_norm`), step, zero grads, then `post_step()`.
+    Returns the gradient norm tensor (no host sync) or None when neither clipping nor logging asks for it."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    grad_norm = None
+    if clip_grad or need_grad_norm:
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, clip_grad or float("inf"))
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if post_step is not None:
+        post_step()
+    return grad_norm
+
+
+def entry_point(parse_args, run, argv):
+    """Parse and run; a UserError (bad flag, file or format) prints `error: ...` and exits 2, no traceback."""
+    try:
+        args = parse_args(argv)
+        return run(args, argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    finally:
+        du.cleanup()
