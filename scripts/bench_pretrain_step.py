@@ -146,7 +146,7 @@ def main(argv=None):
         step_s = args.batch_size / sps
         print(f"  dVAE tokenizer (n_hid {args.dvae_n_hid}) on the 112 px views: {dvae_s * 1e3:.1f} ms per batch = "
               f"{100 * dvae_s / (dvae_s + step_s):.1f}% of a training step with targets")
-    if not args.no_reference:
+    if not args.no_reference and args.mode != "image_mim":
         model.math_attention = True
         ref_sps, ref_peak = measure(model, args.mode, batch, args.steps, args.warmup, device, dtype)
         print(f"  reference (math attention): {ref_sps:7.2f} samples/s   peak memory {ref_peak:6.2f} GiB")
