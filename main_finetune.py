@@ -22,16 +22,15 @@ from models.vlmo import ITC_LOSSES
 from tasks import all_tasks, get_task, task_names
 from tasks.base import (GLOBAL_POOLS, FinetuneModel, WeightEma, discard_pretraining_heads, load_backbone_weights,
                         set_trainable)
-from util import dist as du
 from util.checkpoint import LATEST, extract_state_dict, is_training_checkpoint, latest_in, load_file, set_rng_state
 from util.checkpointer import Checkpointer, NonFiniteCheckpoint
 from util.config import make_parser, parse_with_config, write_args_json
 from util.errors import UserError
 from util.layer_decay import layer_decay_scale
-from util.logger import LOG, RunLog, setup_logging
+from util.logger import LOG, RunLog
 from util.optim_factory import build_adamw
 from util.resume import plan_resume
-from util.run_common import autocast_setup, entry_point, log_trainable
+from util.run_common import autocast_setup, entry_point, load_full_state, log_trainable, start_run
 
 DEFAULT_TOKENIZER = "checkpoints/tokenizer/"
 DEFAULT_MODEL = "vlmo_base_patch16"
@@ -226,16 +225,8 @@ def build_model(args, task, name, overrides, start):
     groups = set_trainable(backbone, head, task, args.lora_rank, args.lora_alpha, provided)
     model = FinetuneModel(backbone, head, task)
     if start.kind == "resume":
-        try:
-            model.load_state_dict(start.ckpt["model"])
-        except RuntimeError as e:
-            raise UserError(f"--resume {start.path}: does not match this run's model (check --lora_rank, "
-                            f"--nb_classes): {str(e).splitlines()[0]}") from None
+        load_full_state(model, start.ckpt["model"], start.path, " (check --lora_rank, --nb_classes)")
     return model, provided, groups
-
-
-
-
 
 
 def main(argv=None):
@@ -243,12 +234,7 @@ def main(argv=None):
 
 
 def run(args, argv):
-    env = du.init_distributed(args.dist_backend, "cpu" if args.device == "cpu" else None)
-    if args.device == "cuda" and env.device.type != "cuda":
-        raise UserError("--device cuda: no CUDA device is available")
-    resolve_run_args(args, env.world_size)
-    os.makedirs(args.output_dir, exist_ok=True)
-    setup_logging(args.output_dir, env.rank, "console_eval.log" if args.eval else "console.log")
+    env = start_run(args, resolve_run_args, "console_eval.log" if args.eval else "console.log")
     task_cls = get_task(args.task)
     start = find_start(args)
     LOG.info(f"task {args.task} | {env.world_size} process(es) via {env.launcher} on {env.device} | "

@@ -17,16 +17,15 @@ from models.loading import check_architecture, load_pretrained_weights
 from models.registry import create_model, model_config, model_names
 from models.trainable import configure_trainable
 from models.vlmo import ITC_LOSSES, MIM_TARGETS, MODES
-from util import dist as du
 from util.bad_samples import BadSampleLog
 from util.checkpoint import set_rng_state
 from util.checkpointer import Checkpointer, NonFiniteCheckpoint
 from util.config import make_parser, parse_with_config, write_args_json
 from util.errors import UserError
-from util.logger import LOG, RunLog, setup_logging
+from util.logger import LOG, RunLog
 from util.optim_factory import build_adamw
 from util.resume import plan_resume
-from util.run_common import autocast_setup, entry_point, log_trainable
+from util.run_common import autocast_setup, entry_point, load_full_state, log_trainable, start_run
 from util.run_setup import build_dual_encoder_run, build_evaluators, build_mim_targets, resolve_image_state
 
 DEFAULT_TOKENIZER = "checkpoints/tokenizer/"
@@ -169,8 +168,6 @@ def resolve_run_args(args, world_size):
     return args
 
 
-
-
 def load_run_tokenizer(args, plan):
     state = plan.ckpt.get("tokenizer") if isinstance(plan.ckpt, dict) else None
     if args.tokenizer is None and state:
@@ -208,14 +205,8 @@ def build_model(args, overrides, plan):
     groups = configure_trainable(model, args.mode, args.lora_rank, args.lora_alpha, provided, args.lock_image,
                                  args.lock_text, args.reg_loss_weight if args.use_self_regularization else 0.0)
     if plan.kind == "train":
-        try:
-            model.load_state_dict(plan.state_dict)
-        except RuntimeError as e:
-            raise UserError(f"--resume {plan.path}: does not match this run's model "
-                            f"({str(e).splitlines()[0]})") from None
+        load_full_state(model, plan.state_dict, plan.path)
     return model, provided, groups
-
-
 
 
 def main(argv=None):
@@ -223,12 +214,7 @@ def main(argv=None):
 
 
 def run(args, argv):
-    env = du.init_distributed(args.dist_backend, "cpu" if args.device == "cpu" else None)
-    if args.device == "cuda" and env.device.type != "cuda":
-        raise UserError("--device cuda: no CUDA device is available")
-    resolve_run_args(args, env.world_size)
-    os.makedirs(args.output_dir, exist_ok=True)
-    setup_logging(args.output_dir, env.rank)
+    env = start_run(args, resolve_run_args)
     LOG.info(f"mode {args.mode} | model {args.model} ({args.ffn_layout}) | {env.world_size} process(es) via "
              f"{env.launcher} on {env.device} | effective batch {args.effective_batch_size} | lr {args.lr:.3e}")
     torch.manual_seed(args.seed + env.rank)

@@ -6,7 +6,6 @@ W0 + B A * alpha / r into `<layer>.weight` and drops both adapter tensors, so th
 model without adapters and gives the same outputs. Leaving `lora_*` in a "merged" file is the known
 defect this avoids: a later `--lora_rank` run would apply the old delta a second time.
 """
-import torch
 
 LORA_SUFFIXES = (".lora_A", ".lora_B")
 

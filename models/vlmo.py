@@ -94,8 +94,7 @@ class VLMo(nn.Module):
         """images [B, 3, H, W], bool_masked_pos [B, N] or None -> [B, 1+N, D] (before the final norm)."""
         x = self.patch_embed(images)
         if bool_masked_pos is not None:
-            w = bool_masked_pos.unsqueeze(-1).type_as(x)
-            x = x * (1 - w) + self.mask_token.type_as(x) * w
+            x = torch.where(bool_masked_pos.bool().unsqueeze(-1), self.mask_token.type_as(x), x)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).type_as(x), x], dim=1)
         return self._run_blocks(x, "image", use_rel_pos=True)
 

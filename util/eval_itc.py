@@ -9,8 +9,6 @@ import json
 import os
 import sys
 
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from custom_datasets.image_dataset import build_eval_transform, image_preprocess_state  # noqa: E402

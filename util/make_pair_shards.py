@@ -70,6 +70,7 @@ def main(argv=None) -> int:
         path = os.path.join(args.out_dir, name)
         os.replace(path + ".tmp", path)
 
+    name = None
     for i in order:
         try:
             data, text, _ = ds.raw(int(i))

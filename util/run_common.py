@@ -55,3 +55,26 @@ def entry_point(parse_args, run, argv):
         raise SystemExit(2) from None
     finally:
         du.cleanup()
+
+
+def start_run(args, resolve_run_args, console_name="console.log"):
+    """Process group, device check, resolved args, output folder and logging: the first steps of every run."""
+    import os
+
+    env = du.init_distributed(args.dist_backend, "cpu" if args.device == "cpu" else None)
+    if args.device == "cuda" and env.device.type != "cuda":
+        raise UserError("--device cuda: no CUDA device is available")
+    resolve_run_args(args, env.world_size)
+    os.makedirs(args.output_dir, exist_ok=True)
+    from util.logger import setup_logging
+    setup_logging(args.output_dir, env.rank, console_name)
+    return env
+
+
+def load_full_state(model, state_dict, path, hint=""):
+    """Strict load of a resumed run's model state; a mismatch names the file (and what to check)."""
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as e:
+        raise UserError(f"--resume {path}: does not match this run's model{hint} "
+                        f"({str(e).splitlines()[0]})") from None

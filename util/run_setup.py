@@ -156,9 +156,6 @@ def build_dual_encoder_run(args, plan, load_our_tokenizer):
     groups = model.configure_trainable(args.mode, args.lora_rank, args.lora_alpha, provided, args.lock_image,
                                        args.lock_text, args.reg_loss_weight if args.use_self_regularization else 0.0)
     if plan.kind == "train":
-        try:
-            model.load_state_dict(plan.state_dict)
-        except RuntimeError as e:
-            raise UserError(f"--resume {plan.path}: does not match this run's model "
-                            f"({str(e).splitlines()[0]})") from None
+        from util.run_common import load_full_state
+        load_full_state(model, plan.state_dict, plan.path)
     return model, tokenizer, provided, groups

@@ -19,7 +19,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 from custom_datasets.pair_dataset import BadSample, build_pair_dataset, is_shard_path  # noqa: E402
 from custom_datasets.wds_pairs import WdsPairDataset, expand_shards  # noqa: E402
-from util.errors import UserError, run_cli  # noqa: E402
+from util.errors import run_cli  # noqa: E402
 
 _DATASET = None  # set before the worker pool forks, so workers share the parsed index
 CHUNK = 256
