@@ -14,7 +14,7 @@ from engine_pretrain import NonFiniteLoss
 from util import dist as du
 from util.logger import LOG, MetricWindow, format_duration, peak_memory_gb
 from util.lr_sched import lr_at_step, set_lr
-from util.run_common import optimizer_step
+from util.run_common import autocast_context, batch_to_device, optimizer_step
 
 __all__ = ["FinetuneConfig", "NonFiniteLoss", "evaluate", "train_one_epoch"]
 
@@ -38,18 +38,6 @@ class FinetuneConfig:
         return self.epochs * self.steps_per_epoch
 
 
-def to_device(batch, device):
-    """(tensor entries on `device`, host-side entries such as the list of replaced bad samples)."""
-    tensors = {k: v.to(device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
-    return tensors, {k: v for k, v in batch.items() if not isinstance(v, torch.Tensor)}
-
-
-def autocast(cfg):
-    if cfg.autocast_dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=cfg.device.type, dtype=cfg.autocast_dtype)
-
-
 def train_one_epoch(model, raw_model, loader, optimizer, scaler, epoch, start_step, global_step, cfg, ema=None,
                     post_step=None, checkpointer=None, run_log=None, bad_sample_sink=None):
     """Optimizer steps `start_step .. cfg.steps_per_epoch - 1` of `epoch`; returns the new global step.
@@ -65,7 +53,7 @@ def train_one_epoch(model, raw_model, loader, optimizer, scaler, epoch, start_st
     window_start, data_time, window_steps = run_start, 0.0, 0
     for step in range(start_step, cfg.steps_per_epoch):
         t0 = time.perf_counter()
-        micro = [to_device(next(data_iter), cfg.device) for _ in range(cfg.accum_iter)]
+        micro = [batch_to_device(next(data_iter), cfg.device) for _ in range(cfg.accum_iter)]
         data_time += time.perf_counter() - t0
         if bad_sample_sink is not None:
             bad_sample_sink([b for _, meta in micro for b in meta.get("bad", [])], epoch)
@@ -74,7 +62,8 @@ def train_one_epoch(model, raw_model, loader, optimizer, scaler, epoch, start_st
         step_metrics = {}
         for i, (batch, _) in enumerate(micro):
             sync = i == len(micro) - 1 or not hasattr(model, "no_sync")
-            with (contextlib.nullcontext() if sync else model.no_sync()), autocast(cfg):
+            no_sync = contextlib.nullcontext() if sync else model.no_sync()
+            with no_sync, autocast_context(cfg.device, cfg.autocast_dtype):
                 out = model(batch)
             loss = out.pop("loss") / cfg.accum_iter
             (scaler.scale(loss) if scaler is not None else loss).backward()
@@ -124,8 +113,8 @@ def evaluate(raw_model, loader, num_items, cfg):
     raw_model.eval()
     parts = {}
     for batch in loader:
-        b, _ = to_device(batch, cfg.device)
-        with autocast(cfg):
+        b, _ = batch_to_device(batch, cfg.device)
+        with autocast_context(cfg.device, cfg.autocast_dtype):
             out = raw_model.predict(b)
         for k, v in out.items():
             parts.setdefault(k, []).append(v.detach())

@@ -10,7 +10,7 @@ from models.objectives import loss_units
 from util import dist as du
 from util.logger import LOG, MetricWindow, format_duration, peak_memory_gb
 from util.lr_sched import lr_at_step, set_lr
-from util.run_common import optimizer_step
+from util.run_common import autocast_context, batch_to_device, optimizer_step
 
 
 class NonFiniteLoss(RuntimeError):
@@ -39,22 +39,6 @@ class EngineConfig:
     @property
     def samples_per_step(self):
         return self.batch_size * self.accum_iter * du.world_size()
-
-
-def batch_to_device(batch, device):
-    """The tensor entries of a collated batch on `device` (the user's (dict, targets) image format too);
-    host-side entries (raw text, bad-sample lists) stay behind in `meta`."""
-    if isinstance(batch, (tuple, list)):
-        batch = batch[0]
-    tensors = {k: v.to(device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
-    meta = {k: v for k, v in batch.items() if not isinstance(v, torch.Tensor)}
-    return tensors, meta
-
-
-def _autocast(cfg):
-    if cfg.autocast_dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=cfg.device.type, dtype=cfg.autocast_dtype)
 
 
 class StepTimer:
@@ -100,7 +84,8 @@ def train_one_epoch(model, raw_model, loader, optimizer, scaler, epoch, start_st
         step_metrics = {}
         for i, b in enumerate(batches):
             sync = i == len(batches) - 1 or not hasattr(model, "no_sync")
-            with (contextlib.nullcontext() if sync else model.no_sync()), _autocast(cfg):
+            no_sync = contextlib.nullcontext() if sync else model.no_sync()
+            with no_sync, autocast_context(cfg.device, cfg.autocast_dtype):
                 out = model(b, cfg.mode, loss_normalizer=normalizer, reg_scale=1.0 / cfg.accum_iter)
             loss = out.pop("loss")
             (scaler.scale(loss) if scaler is not None else loss).backward()
@@ -154,7 +139,7 @@ def evaluate(raw_model, loader, cfg, target_fn=None):
         b, _ = batch_to_device(batch, cfg.device)
         if target_fn is not None:
             target_fn(b)
-        with _autocast(cfg):
+        with autocast_context(cfg.device, cfg.autocast_dtype):
             out = raw_model(b, cfg.mode)
         units = loss_units(b, cfg.mode).float()
         for k, v in out.items():

@@ -30,7 +30,8 @@ from util.layer_decay import layer_decay_scale
 from util.logger import LOG, RunLog
 from util.optim_factory import build_adamw
 from util.resume import plan_resume
-from util.run_common import autocast_setup, entry_point, load_full_state, log_trainable, start_run
+from util.run_common import (autocast_setup, entry_point, load_full_state, log_trainable, resolve_batch_and_lr,
+                              start_run)
 
 DEFAULT_TOKENIZER = "checkpoints/tokenizer/"
 DEFAULT_MODEL = "vlmo_base_patch16"
@@ -128,11 +129,7 @@ def parse_args(argv=None):
 
 def resolve_run_args(args, world_size):
     """Everything derived from the launch, resolved once (saved to args.json, never changed after)."""
-    args.world_size = world_size
-    args.effective_batch_size = args.batch_size * args.accum_iter * world_size
-    if args.lr is None:
-        args.lr = args.blr * args.effective_batch_size / 256
-    return args
+    return resolve_batch_and_lr(args, world_size)
 
 
 def finetune_mode(task_name):

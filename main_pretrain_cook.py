@@ -25,7 +25,8 @@ from util.errors import UserError
 from util.logger import LOG, RunLog
 from util.optim_factory import build_adamw
 from util.resume import plan_resume
-from util.run_common import autocast_setup, entry_point, load_full_state, log_trainable, start_run
+from util.run_common import (autocast_setup, entry_point, load_full_state, log_trainable, resolve_batch_and_lr,
+                              start_run)
 from util.run_setup import build_dual_encoder_run, build_evaluators, build_mim_targets, resolve_image_state
 
 DEFAULT_TOKENIZER = "checkpoints/tokenizer/"
@@ -160,10 +161,7 @@ def parse_args(argv=None):
 
 def resolve_run_args(args, world_size):
     """Fill in everything derived from the launch (once; saved to args.json, never changed after)."""
-    args.world_size = world_size
-    args.effective_batch_size = args.batch_size * args.accum_iter * world_size
-    if args.lr is None:
-        args.lr = args.blr * args.effective_batch_size / 256
+    resolve_batch_and_lr(args, world_size)
     args.use_self_regularization = bool(args.self_regularization and args.reg_loss_weight > 0 and args.lora_rank > 0)
     return args
 

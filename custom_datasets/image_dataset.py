@@ -31,7 +31,8 @@ import torch
 from PIL import Image, ImageEnhance
 from torch.utils.data import Dataset
 
-from custom_datasets.pair_dataset import MAX_REPLACEMENTS, BadSample, decode_image, parse_key, read_file_bytes
+from custom_datasets.pair_dataset import (BadSample, decode_image, load_with_replacement, parse_key,
+                                          read_file_bytes)
 from custom_datasets.text_dataset import PackedStrings
 from util.errors import UserError
 
@@ -269,19 +270,8 @@ class ImageFolderDataset(Dataset):
         epoch, index = parse_key(key)
         if not 0 <= index < len(self):
             raise IndexError(index)
-        bad, source, picker = [], index, None
-        while True:
-            try:
-                img = self.load(source)
-                break
-            except BadSample as e:
-                bad.append((self.paths.get(source), e.args[0]))
-                if len(bad) >= MAX_REPLACEMENTS:
-                    raise UserError(f"--data_path {self.root}: {len(bad)} images in a row failed to load "
-                                    f"(last: {bad[-1][0]}: {bad[-1][1]})") from None
-                if picker is None:  # keyed: the same key always picks the same replacements
-                    picker = np.random.default_rng([self.seed, epoch, index, 0x5EED])
-                source = int(picker.integers(len(self)))
+        img, source, bad = load_with_replacement(self.load, self.paths.get, len(self), self.seed, epoch, index,
+                                                 f"--data_path {self.root}")
         self.bad.extend(bad)
         rng = np.random.default_rng([self.seed, epoch, index])
         out = self.transform(img, rng) if self.transform is not None else img

@@ -14,7 +14,6 @@ import base64
 import binascii
 import csv
 import io
-import json
 import os
 from array import array
 
@@ -22,6 +21,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from custom_datasets.records import jsonl_records
 from custom_datasets.text_dataset import PackedStrings
 from util.errors import UserError
 
@@ -69,6 +69,25 @@ def read_file_bytes(path: str) -> bytes:
         raise BadSample(f"unreadable file: {e.strerror or e}") from None
 
 
+def load_with_replacement(load, ident, num_items, seed, epoch, index, where):
+    """(load(source), source, bad): load entry `index`, or, when it is unreadable (BadSample), other entries
+    picked by a generator keyed by (seed, epoch, index), so a key always gets the same replacements. `bad`
+    lists (ident, reason) of the entries replaced; MAX_REPLACEMENTS failures in a row raise a UserError
+    that starts with `where` (the file or flag to check)."""
+    bad, source, picker = [], index, None
+    while True:
+        try:
+            return load(source), source, bad
+        except BadSample as e:
+            bad.append((ident(source), e.args[0]))
+            if len(bad) >= MAX_REPLACEMENTS:
+                raise UserError(f"{where}: {len(bad)} samples in a row failed to load (last: {bad[-1][0]}: "
+                                f"{bad[-1][1]})") from None
+            if picker is None:
+                picker = np.random.default_rng([seed, epoch, index, 0x5EED])
+            source = int(picker.integers(num_items))
+
+
 class PairDatasetBase(Dataset):
     """Shared replacement logic; subclasses provide raw(i) -> (image bytes, text, path_or_id)."""
 
@@ -106,20 +125,8 @@ class PairDatasetBase(Dataset):
         epoch, index = parse_key(key)
         if not 0 <= index < len(self):
             raise IndexError(index)
-        bad, source, picker = [], index, None
-        while True:
-            try:
-                image, text = self.load(source)
-                break
-            except BadSample as e:
-                bad.append((self.ident(source), e.args[0]))
-                if len(bad) >= MAX_REPLACEMENTS:
-                    raise UserError(
-                        f"{len(bad)} samples in a row failed to load (last: {bad[-1][0]}: "
-                        f"{bad[-1][1]}); check the data with util/validate_pairs.py") from None
-                if picker is None:  # keyed: the same key always picks the same replacements
-                    picker = np.random.default_rng([self.seed, epoch, index, 0x5EED])
-                source = int(picker.integers(len(self)))
+        (image, text), _, bad = load_with_replacement(self.load, self.ident, len(self), self.seed, epoch, index,
+                                                      "pair dataset (check it with util/validate_pairs.py)")
         rng = np.random.default_rng([self.seed, epoch, index])
         out = self.transform(image, rng) if self.transform is not None else image
         return {"image": out, "raw_text": text, "epoch": epoch, "index": index, "bad": bad}
@@ -204,25 +211,17 @@ class MugePairDataset(PairDatasetBase):
         texts, offsets, lengths, image_idx = PackedStrings(), array("q"), array("q"), array("q")
         self.missing = {}  # pair index -> image id listed in the jsonl but absent from the TSV
         distinct = {}
-        with open(texts_jsonl, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                    text, image_ids = rec["text"], rec["image_ids"]
-                except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise UserError(f"{texts_jsonl}:{line_no}: expected a JSON object with "
-                                    f"text and image_ids ({e})") from None
-                for image_id in image_ids:
-                    image_id = str(image_id)
-                    off, length = lines.get(image_id, (-1, 0))
-                    if off < 0:  # listed but absent: reported (and replaced) when read
-                        self.missing[len(texts)] = image_id
-                    texts.append(text)
-                    offsets.append(off)
-                    lengths.append(length)
-                    image_idx.append(distinct.setdefault(image_id, len(distinct)))
+        for _, rec in jsonl_records(texts_jsonl, ("text", "image_ids"), texts_jsonl):
+            text = rec["text"]
+            for image_id in rec["image_ids"]:
+                image_id = str(image_id)
+                off, length = lines.get(image_id, (-1, 0))
+                if off < 0:  # listed but absent: reported (and replaced) when read
+                    self.missing[len(texts)] = image_id
+                texts.append(text)
+                offsets.append(off)
+                lengths.append(length)
+                image_idx.append(distinct.setdefault(image_id, len(distinct)))
         if not len(texts):
             raise UserError(f"{texts_jsonl}: no (text, image) pairs")
         self.texts = texts.finish()

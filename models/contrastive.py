@@ -108,3 +108,10 @@ def siglip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor,
 def clamp_logit_scale_(param: torch.Tensor, max: float = math.log(100)) -> torch.Tensor:
     """Clamp the CLIP log-temperature in place to [0, max] (call after each optimizer step)."""
     return param.clamp_(0.0, max)
+
+
+def contrastive_loss(model, img, txt):
+    """The loss a model's config names (`itc_loss`: clip or siglip) with its temperature (and bias)."""
+    if model.config["itc_loss"] == "clip":
+        return clip_loss(img, txt, model.logit_scale)
+    return siglip_loss(img, txt, model.logit_scale, model.logit_bias)

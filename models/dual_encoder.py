@@ -19,7 +19,7 @@ from timm.layers import trunc_normal_
 
 from models import objectives
 from models.embeddings import TextEmbeddings
-from models.lora import LoRALinear
+from models.lora import LoRALinear, add_self_regularization, self_regularization_loss
 from models.multiway_block import LayerNorm, MultiwayBlock
 from models.vlmo import ITC_LOSSES
 from util.errors import UserError
@@ -126,19 +126,14 @@ class DualEncoder(nn.Module):
 
     def self_regularization_loss(self):
         """reg_loss_weight * sum over adapted layers of sum((W0 * delta)^2)."""
-        layers = [m for m in self.modules() if isinstance(m, LoRALinear) and m.has_lora]
-        return self.reg_loss_weight * torch.stack([m.self_regularization() for m in layers]).sum()
+        return self_regularization_loss(self)
 
     def forward(self, samples, mode, loss_normalizer=None, reg_scale=1.0):
         """Losses of one image_text_itc step (see models/objectives.py); same contract as VLMo.forward."""
         if mode != MODE:
             raise ValueError(f"the dual encoder trains only {MODE!r}, not {mode!r}")
         out = objectives.image_text_itc(self, samples, loss_normalizer)
-        if self.reg_loss_weight > 0 and any(isinstance(m, LoRALinear) and m.has_lora for m in self.modules()):
-            reg = self.self_regularization_loss()
-            out["loss"] = out["loss"] + reg * reg_scale
-            out["reg_loss"] = reg.detach()
-        return out
+        return add_self_regularization(self, out, reg_scale)
 
     def configure_trainable(self, mode, lora_rank=0, lora_alpha=1.0, provided_keys=(), lock_image=False,
                             lock_text=False, reg_loss_weight=0.0):

@@ -61,3 +61,22 @@ class LoRALinear(nn.Linear):
 def lora_layers(model):
     """(name, module) of every LoRALinear with adapters enabled."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear) and m.has_lora]
+
+
+def self_regularization_loss(model, layers=None):
+    """model.reg_loss_weight * sum over adapted layers of sum((W0 * delta)^2)."""
+    layers = [m for _, m in lora_layers(model)] if layers is None else layers
+    return model.reg_loss_weight * torch.stack([m.self_regularization() for m in layers]).sum()
+
+
+def add_self_regularization(model, out, reg_scale):
+    """Add the self-regularization term (times reg_scale) to out["loss"] and log it as out["reg_loss"], when the
+    model has a weight for it and adapters to regularise."""
+    if model.reg_loss_weight <= 0:
+        return out
+    layers = [m for _, m in lora_layers(model)]
+    if layers:
+        reg = self_regularization_loss(model, layers)
+        out["loss"] = out["loss"] + reg * reg_scale
+        out["reg_loss"] = reg.detach()
+    return out

@@ -9,6 +9,8 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+from models.contrastive import contrastive_loss
+
 
 def loss_units(samples, mode):
     """Number of loss terms in a batch (a 0-dim long tensor on the batch's device)."""
@@ -82,17 +84,12 @@ def image_mim(model, samples, loss_normalizer=None):
 
 
 def image_text_itc(model, samples, loss_normalizer=None):
-    from models.contrastive import clip_loss, siglip_loss
-
     # A locked tower (LiT) runs without building a graph: its embeddings cannot change anyway.
     with torch.no_grad() if "image" in model.locked_towers else contextlib.nullcontext():
         img = model.encode_image(samples["images"])
     with torch.no_grad() if "text" in model.locked_towers else contextlib.nullcontext():
         txt = model.encode_text(samples["text_ids"], samples["text_masks"])
-    if model.config["itc_loss"] == "clip":
-        out = clip_loss(img, txt, model.logit_scale)
-    else:
-        out = siglip_loss(img, txt, model.logit_scale, model.logit_bias)
+    out = contrastive_loss(model, img, txt)
     rows = torch.tensor(img.shape[0], device=img.device)
     total = out.pop("loss") * rows  # per-row mean -> sum over this rank's rows
     metrics = {k: v.detach() for k, v in out.items()}

@@ -9,7 +9,7 @@ from timm.layers import trunc_normal_
 from models import objectives
 from models.embeddings import PatchEmbed, TextEmbeddings
 from models.heads import MLMHead
-from models.lora import LoRALinear
+from models.lora import LoRALinear, add_self_regularization, self_regularization_loss
 from models.multiway_block import LayerNorm, MultiwayBlock
 
 MODES = ("text_mlm", "image_mim", "image_text_itc")
@@ -122,8 +122,7 @@ class VLMo(nn.Module):
     # ---- training entry ----
     def self_regularization_loss(self):
         """reg_loss_weight * sum over adapted layers of sum((W0 * delta)^2)."""
-        layers = [m for m in self.modules() if isinstance(m, LoRALinear) and m.has_lora]
-        return self.reg_loss_weight * torch.stack([m.self_regularization() for m in layers]).sum()
+        return self_regularization_loss(self)
 
     def forward(self, samples, mode, loss_normalizer=None, reg_scale=1.0):
         """One training step's losses. `samples` is the collated batch on the model's device.
@@ -136,8 +135,4 @@ class VLMo(nn.Module):
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
         out = getattr(objectives, mode)(self, samples, loss_normalizer)
-        if self.reg_loss_weight > 0 and any(isinstance(m, LoRALinear) and m.has_lora for m in self.modules()):
-            reg = self.self_regularization_loss()
-            out["loss"] = out["loss"] + reg * reg_scale
-            out["reg_loss"] = reg.detach()
-        return out
+        return add_self_regularization(self, out, reg_scale)

@@ -9,7 +9,6 @@ Files (`--data_path` for training, `--val_data_path` for evaluation), image path
 Head: a linear layer on the mean-pooled patch tokens through the backbone's final norm (`--global_pool cls`:
 the CLS token).
 """
-import csv
 import json
 import os
 
@@ -21,7 +20,8 @@ from torch.utils.data import Dataset
 from custom_datasets.finetune_data import timm_train_transform
 from custom_datasets.image_dataset import build_eval_transform
 from custom_datasets.loaders import batches_per_epoch, eval_loader, train_loader
-from custom_datasets.pair_dataset import MAX_REPLACEMENTS, BadSample, decode_image, parse_key, read_file_bytes
+from custom_datasets.pair_dataset import decode_image, load_with_replacement, parse_key, read_file_bytes
+from custom_datasets.records import csv_records, jsonl_records
 from custom_datasets.text_dataset import PackedStrings
 from tasks import register_task
 from tasks.base import FinetuneData, Task, image_features, linear_head
@@ -43,33 +43,15 @@ def read_image_vectors(path, flag):
         raise UserError(f"{flag} {path}: file not found")
     low, paths, vectors = path.lower(), PackedStrings(), []
     if low.endswith(".jsonl"):
-        with open(path, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                    paths.append(str(rec["image_path"]))
-                except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise UserError(f"{flag} {path}:{line_no}: expected a JSON object with image_path ({e})") from None
-                if "vector" in rec:
-                    vectors.append(rec["vector"])
+        for _, rec in jsonl_records(path, ("image_path",), f"{flag} {path}"):
+            paths.append(str(rec["image_path"]))
+            if "vector" in rec:
+                vectors.append(rec["vector"])
     elif low.endswith((".csv", ".tsv")):
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.reader(f, delimiter="\t" if low.endswith(".tsv") else ",")
-            header = [h.strip().lower() for h in next(reader, [])]
-            if "image_path" not in header:
-                raise UserError(f"{flag} {path}: header {header} needs an image_path column")
-            p_col = header.index("image_path")
-            v_col = header.index("vector") if "vector" in header else None
-            for line_no, row in enumerate(reader, start=2):
-                if not row:
-                    continue
-                if len(row) < len(header):
-                    raise UserError(f"{flag} {path}:{line_no}: expected {len(header)} columns, got {len(row)}")
-                paths.append(row[p_col])
-                if v_col is not None:
-                    vectors.append(_parse_vector(row[v_col], f"{flag} {path}:{line_no}"))
+        for line_no, rec in csv_records(path, ("image_path",), ("vector",), f"{flag} {path}"):
+            paths.append(rec["image_path"])
+            if "vector" in rec:
+                vectors.append(_parse_vector(rec["vector"], f"{flag} {path}:{line_no}"))
     else:
         raise UserError(f"{flag} {path}: expected a .csv, .tsv or .jsonl file with image_path (and vector)")
     n = len(paths)
@@ -105,21 +87,13 @@ class ImageVectorDataset(Dataset):
     def __len__(self):
         return len(self.targets)
 
+    def load(self, i):
+        return decode_image(read_file_bytes(os.path.join(self.root, self.paths.get(i))))
+
     def __getitem__(self, key):
         epoch, index = parse_key(key)
-        bad, source, picker = [], index, None
-        while True:
-            try:
-                img = decode_image(read_file_bytes(os.path.join(self.root, self.paths.get(source))))
-                break
-            except BadSample as e:
-                bad.append((self.paths.get(source), e.args[0]))
-                if len(bad) >= MAX_REPLACEMENTS:
-                    raise UserError(f"{self.flag}: {len(bad)} images in a row failed to load "
-                                    f"(last: {bad[-1][0]}: {bad[-1][1]})") from None
-                if picker is None:
-                    picker = np.random.default_rng([self.seed, epoch, index, 0x5EED])
-                source = int(picker.integers(len(self)))
+        img, source, bad = load_with_replacement(self.load, self.paths.get, len(self), self.seed, epoch, index,
+                                                 self.flag)
         rng = np.random.default_rng([self.seed, epoch, index])
         return {"images": self.transform(img, rng), "target": torch.from_numpy(self.targets[source]),
                 "index": index, "bad": bad}

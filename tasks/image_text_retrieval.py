@@ -14,7 +14,7 @@ from custom_datasets.image_dataset import build_eval_transform
 from custom_datasets.loaders import batches_per_epoch, eval_loader, train_loader
 from custom_datasets.pair_collator import PairCollator
 from custom_datasets.pair_dataset import build_pair_dataset, is_shard_path
-from models.contrastive import clamp_logit_scale_, clip_loss, siglip_loss
+from models.contrastive import clamp_logit_scale_, contrastive_loss
 from tasks import register_task
 from tasks.base import FinetuneData, Task
 from util.errors import UserError
@@ -61,10 +61,7 @@ class ImageTextRetrieval(Task):
     def loss(self, backbone, head, batch):
         img = backbone.encode_image(batch["images"])
         txt = backbone.encode_text(batch["text_ids"], batch["text_masks"])
-        if backbone.config["itc_loss"] == "clip":
-            out = clip_loss(img, txt, backbone.logit_scale)
-        else:
-            out = siglip_loss(img, txt, backbone.logit_scale, backbone.logit_bias)
+        out = contrastive_loss(backbone, img, txt)
         return {"loss": out["loss"], "i2t_acc": out["i2t_acc"], "t2i_acc": out["t2i_acc"],
                 "temperature": out["temperature"]}
 

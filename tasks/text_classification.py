@@ -7,8 +7,6 @@ saved with the checkpoint, so `--eval` maps labels the same way. Head: a linear 
 tokens after [CLS] (padding excluded) through the backbone's final norm (`--global_pool cls`: the [CLS] token).
 Metric: accuracy (percent) and cross-entropy.
 """
-import csv
-import json
 import os
 import re
 
@@ -19,6 +17,7 @@ from torch.utils.data import Dataset
 
 from custom_datasets.loaders import batches_per_epoch, eval_loader, train_loader
 from custom_datasets.pair_dataset import parse_key
+from custom_datasets.records import csv_records, jsonl_records
 from custom_datasets.text_dataset import PackedStrings
 from tasks import register_task
 from tasks.base import FinetuneData, Task, linear_head, text_features
@@ -35,32 +34,13 @@ def read_text_labels(path, flag):
     texts, labels = PackedStrings(), []
     low = path.lower()
     if low.endswith(".jsonl"):
-        with open(path, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                    text, label = rec["text"], rec["label"]
-                except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise UserError(f"{flag} {path}:{line_no}: expected a JSON object with text and label "
-                                    f"({e})") from None
-                texts.append(str(text))
-                labels.append(label)
+        for _, rec in jsonl_records(path, ("text", "label"), f"{flag} {path}"):
+            texts.append(str(rec["text"]))
+            labels.append(rec["label"])
     elif low.endswith((".csv", ".tsv")):
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.reader(f, delimiter="\t" if low.endswith(".tsv") else ",")
-            header = [h.strip().lower() for h in next(reader, [])]
-            if "text" not in header or "label" not in header:
-                raise UserError(f"{flag} {path}: header {header} needs columns named text and label")
-            t_col, l_col = header.index("text"), header.index("label")
-            for line_no, row in enumerate(reader, start=2):
-                if not row:
-                    continue
-                if len(row) <= max(t_col, l_col):
-                    raise UserError(f"{flag} {path}:{line_no}: expected {len(header)} columns, got {len(row)}")
-                texts.append(row[t_col])
-                labels.append(row[l_col].strip())
+        for _, rec in csv_records(path, ("text", "label"), (), f"{flag} {path}"):
+            texts.append(rec["text"])
+            labels.append(rec["label"].strip())
     else:
         raise UserError(f"{flag} {path}: expected a .csv, .tsv or .jsonl file of text,label")
     if not labels:

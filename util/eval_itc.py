@@ -23,6 +23,7 @@ from util.checkpoint import extract_state_dict, load_file  # noqa: E402
 from util.errors import UserError  # noqa: E402
 from util.itc_eval import retrieval_metrics  # noqa: E402
 from util.logger import LOG, setup_logging  # noqa: E402
+from util.run_common import entry_point  # noqa: E402
 from util.run_setup import build_zero_shot  # noqa: E402
 
 
@@ -63,36 +64,33 @@ def load_model(path, device):
     return model.to(device).eval(), ckpt
 
 
+def evaluate_checkpoint(args, argv=None):
+    env = du.init_distributed()
+    setup_logging(None, env.rank)
+    model, ckpt = load_model(args.checkpoint, env.device)
+    tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else tokenizer_from_any_state(ckpt["tokenizer"])
+    image_state = ckpt.get("image_preprocess") or image_preprocess_state(model.config["img_size"])
+    metrics = {}
+    if args.val_data_path:
+        val = build_pair_dataset(args.val_data_path, build_eval_transform(image_state), flag="--val_data_path",
+                                 split="valid")
+        loader = eval_loader(val, PairCollator(tokenizer), args.batch_size, env.rank, env.world_size,
+                             args.num_workers, args.pin_mem)
+        metrics.update(retrieval_metrics(model, loader, val, env.device))
+        metrics["num_pairs"] = len(val)
+    if args.zeroshot_data_path:
+        zero_shot, n = build_zero_shot(args, tokenizer, image_state, env.rank, env.world_size)
+        metrics.update(zero_shot(model, env.device))
+        metrics["num_zeroshot_images"] = n
+    LOG.info(json.dumps(metrics, indent=1))
+    if args.out and env.is_main:
+        with open(args.out, "w") as f:
+            json.dump(metrics, f, indent=1)
+    return metrics
+
+
 def main(argv=None):
-    try:
-        args = parse_args(argv)
-        env = du.init_distributed()
-        setup_logging(None, env.rank)
-        model, ckpt = load_model(args.checkpoint, env.device)
-        tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else tokenizer_from_any_state(ckpt["tokenizer"])
-        image_state = ckpt.get("image_preprocess") or image_preprocess_state(model.config["img_size"])
-        metrics = {}
-        if args.val_data_path:
-            val = build_pair_dataset(args.val_data_path, build_eval_transform(image_state), flag="--val_data_path",
-                                     split="valid")
-            loader = eval_loader(val, PairCollator(tokenizer), args.batch_size, env.rank, env.world_size,
-                                 args.num_workers, args.pin_mem)
-            metrics.update(retrieval_metrics(model, loader, val, env.device))
-            metrics["num_pairs"] = len(val)
-        if args.zeroshot_data_path:
-            zero_shot, n = build_zero_shot(args, tokenizer, image_state, env.rank, env.world_size)
-            metrics.update(zero_shot(model, env.device))
-            metrics["num_zeroshot_images"] = n
-        LOG.info(json.dumps(metrics, indent=1))
-        if args.out and env.is_main:
-            with open(args.out, "w") as f:
-                json.dump(metrics, f, indent=1)
-        return metrics
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
-    finally:
-        du.cleanup()
+    return entry_point(parse_args, evaluate_checkpoint, argv)
 
 
 if __name__ == "__main__":

@@ -5,17 +5,14 @@ import torch
 
 from util import dist as du
 from util.retrieval_metrics import retrieval_recall, zero_shot_accuracy, zero_shot_classifier
-
-
-def _autocast(device, dtype):
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+from util.run_common import autocast_context
 
 
 @torch.no_grad()
 def embed_pairs(model, loader, device, autocast_dtype=None):
     imgs, txts = [], []
     for batch in loader:
-        with _autocast(device, autocast_dtype):
+        with autocast_context(device, autocast_dtype):
             imgs.append(model.encode_image(batch["images"].to(device)).float())
             txts.append(model.encode_text(batch["text_ids"].to(device), batch["text_masks"].to(device)).float())
     dim = model.itc_image_proj.out_features
@@ -51,11 +48,11 @@ class ZeroShot:
     def __call__(self, model, device, autocast_dtype=None):
         was_training = model.training
         model.eval()
-        with _autocast(device, autocast_dtype):
+        with autocast_context(device, autocast_dtype):
             weights = zero_shot_classifier(model.encode_text, self.tokenizer, self.classnames, self.templates, device)
         logits, targets = [], []
         for images, target in self.loader:
-            with _autocast(device, autocast_dtype):
+            with autocast_context(device, autocast_dtype):
                 logits.append(model.encode_image(images["images"].to(device)).float() @ weights.T.float())
             targets.append(target.to(device))
         c = len(self.classnames)

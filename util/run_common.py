@@ -45,6 +45,30 @@ def optimizer_step(optimizer, scaler, trainable, clip_grad, need_grad_norm, post
     return grad_norm
 
 
+def batch_to_device(batch, device):
+    """The tensor entries of a collated batch on `device` (the user's (dict, targets) image format too);
+    host-side entries (raw text, bad-sample lists) stay behind, returned as `meta`."""
+    if isinstance(batch, (tuple, list)):
+        batch = batch[0]
+    tensors = {k: v.to(device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+    meta = {k: v for k, v in batch.items() if not isinstance(v, torch.Tensor)}
+    return tensors, meta
+
+
+def autocast_context(device, dtype):
+    """torch.autocast for `dtype` on `device`, or a no-op for fp32 (dtype None)."""
+    return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def resolve_batch_and_lr(args, world_size):
+    """World size, effective batch (per-process batch x accumulation x ranks) and lr = blr * batch / 256."""
+    args.world_size = world_size
+    args.effective_batch_size = args.batch_size * args.accum_iter * world_size
+    if args.lr is None:
+        args.lr = args.blr * args.effective_batch_size / 256
+    return args
+
+
 def entry_point(parse_args, run, argv):
     """Parse and run; a UserError (bad flag, file or format) prints `error: ...` and exits 2, no traceback."""
     try:
