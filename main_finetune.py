@@ -24,7 +24,7 @@ from tasks.base import (GLOBAL_POOLS, FinetuneModel, WeightEma, discard_pretrain
                         set_trainable)
 from util.checkpoint import LATEST, extract_state_dict, is_training_checkpoint, latest_in, load_file, set_rng_state
 from util.checkpointer import Checkpointer, NonFiniteCheckpoint
-from util.config import make_parser, parse_with_config, write_args_json
+from util.config import add_run_args, make_parser, parse_with_config, write_args_json
 from util.errors import UserError
 from util.layer_decay import layer_decay_scale
 from util.logger import LOG, RunLog
@@ -46,13 +46,7 @@ def get_args_parser():
     g.add_argument("--task", default=None, help=f"one of: {', '.join(task_names())}")
     g.add_argument("--eval", action="store_true", help="only evaluate --resume (or --finetune) and exit")
     g.add_argument("--output_dir", default="outputs/finetune")
-    g.add_argument("--log_dir", default=None, help="TensorBoard folder (default: --output_dir)")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--log_freq", type=int, default=20, help="optimizer steps between log lines")
-    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="auto: bf16 autocast on CUDA, fp32 on CPU")
-    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    g.add_argument("--dist_backend", default=None, help="default: nccl with CUDA, gloo on CPU")
+    add_run_args(g)
     g = p.add_argument_group("model")
     g.add_argument("--model", default=None, help=f"default: the checkpoint's, else {DEFAULT_MODEL}")
     g.add_argument("--finetune", default="", help="pretraining checkpoint (training or merged weights) to start from")

@@ -20,7 +20,7 @@ from models.vlmo import ITC_LOSSES, MIM_TARGETS, MODES
 from util.bad_samples import BadSampleLog
 from util.checkpoint import set_rng_state
 from util.checkpointer import Checkpointer, NonFiniteCheckpoint
-from util.config import make_parser, parse_with_config, write_args_json
+from util.config import add_run_args, make_parser, parse_with_config, write_args_json
 from util.errors import UserError
 from util.logger import LOG, RunLog
 from util.optim_factory import build_adamw
@@ -40,13 +40,7 @@ def get_args_parser():
     g.add_argument("--exp_name", default="text_mlm", help="run name; selects the mode unless --mode is given")
     g.add_argument("--mode", default=None, choices=MODES)
     g.add_argument("--output_dir", default="outputs/run")
-    g.add_argument("--log_dir", default=None, help="TensorBoard folder (default: --output_dir)")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--log_freq", type=int, default=20, help="optimizer steps between log lines")
-    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="auto: bf16 autocast on CUDA, fp32 on CPU")
-    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    g.add_argument("--dist_backend", default=None, help="default: nccl with CUDA, gloo on CPU")
+    add_run_args(g)
     g = p.add_argument_group("model")
     g.add_argument("--model", default="vlmo_base_patch16")
     g.add_argument("--ffn_layout", default="multiway", choices=["multiway", "shared"])

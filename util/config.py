@@ -24,6 +24,17 @@ def make_parser(description):
     return p
 
 
+def add_run_args(group):
+    """Flags every training entry point takes: logging, seed, precision, device, process-group backend."""
+    group.add_argument("--log_dir", default=None, help="TensorBoard folder (default: --output_dir)")
+    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--log_freq", type=int, default=20, help="optimizer steps between log lines")
+    group.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto: bf16 autocast on CUDA, fp32 on CPU")
+    group.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    group.add_argument("--dist_backend", default=None, help="default: nccl with CUDA, gloo on CPU")
+
+
 def parse_with_config(parser, argv):
     """Parse argv; values from `--config FILE` replace the parser's defaults, explicit flags still win."""
     argv = list(sys.argv[1:] if argv is None else argv)
