@@ -9,29 +9,30 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from custom_datasets.finetune_data import resolve_image_preprocess, resolve_tokenizer
-from engine_finetune import FinetuneConfig, NonFiniteLoss, evaluate, train_one_epoch
+from engine_pretrain import RunConfig, Trainer, evaluate, train_one_epoch
 from models.loading import check_architecture
-from models.registry import create_model, model_config, model_names
+from models.registry import backbone_names, create_model, model_config
 from models.vlmo import ITC_LOSSES
 from tasks import all_tasks, get_task, task_names
 from tasks.base import (GLOBAL_POOLS, FinetuneModel, WeightEma, discard_pretraining_heads, load_backbone_weights,
                         set_trainable)
-from util.checkpoint import LATEST, extract_state_dict, is_training_checkpoint, latest_in, load_file, set_rng_state
+from util.bad_samples import BadSampleLog
+from util.checkpoint import LATEST, extract_state_dict, is_training_checkpoint, latest_in, load_file
 from util.checkpointer import Checkpointer, NonFiniteCheckpoint
-from util.config import add_run_args, make_parser, parse_with_config, write_args_json
-from util.errors import UserError
+from util.config import add_optimizer_args, add_run_args, make_parser, parse_with_config, write_args_json
+from util.errors import NonFiniteLoss, UserError
+from util.evaluation import EvalSet
 from util.layer_decay import layer_decay_scale
 from util.logger import LOG, RunLog
 from util.optim_factory import build_adamw
-from util.resume import plan_resume
-from util.run_common import (autocast_setup, entry_point, load_full_state, log_trainable, resolve_batch_and_lr,
-                              start_run)
+from util.resume import ResumePlan, plan_resume
+from util.run_common import (RunPosition, autocast_setup, entry_point, load_full_state, log_trainable,
+                             resolve_batch_and_lr, restore_training_state, start_run, training_state)
 
 DEFAULT_TOKENIZER = "checkpoints/tokenizer/"
 DEFAULT_MODEL = "vlmo_base_patch16"
@@ -48,7 +49,8 @@ def get_args_parser():
     g.add_argument("--output_dir", default="outputs/finetune")
     add_run_args(g)
     g = p.add_argument_group("model")
-    g.add_argument("--model", default=None, help=f"default: the checkpoint's, else {DEFAULT_MODEL}")
+    g.add_argument("--model", default=None,
+                   help=f"one of: {', '.join(backbone_names())}; default: the checkpoint's, else {DEFAULT_MODEL}")
     g.add_argument("--finetune", default="", help="pretraining checkpoint (training or merged weights) to start from")
     g.add_argument("--ffn_layout", default=None, choices=["multiway", "shared"], help="default: the checkpoint's")
     g.add_argument("--itc_loss", default=None, choices=ITC_LOSSES, help="default: the checkpoint's")
@@ -77,17 +79,8 @@ def get_args_parser():
     g.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha (image classification)")
     g.add_argument("--smoothing", type=float, default=0.1, help="label smoothing (classification)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--batch_size", type=int, default=64, help="per process, per accumulation step")
-    g.add_argument("--accum_iter", type=int, default=1)
-    g.add_argument("--epochs", type=int, default=30)
-    g.add_argument("--warmup_epochs", type=float, default=5)
-    g.add_argument("--blr", type=float, default=5e-4, help="lr = blr * effective batch / 256")
-    g.add_argument("--lr", type=float, default=None, help="absolute lr (overrides --blr)")
-    g.add_argument("--min_lr", type=float, default=1e-6)
+    add_optimizer_args(g, 30, 5, 5e-4, (0.9, 0.999))
     g.add_argument("--layer_decay", type=float, default=0.75, help="lr scale per layer down from the top")
-    g.add_argument("--weight_decay", type=float, default=0.05)
-    g.add_argument("--opt_betas", type=float, nargs=2, default=[0.9, 0.999])
-    g.add_argument("--clip_grad", type=float, default=None)
     g = p.add_argument_group("checkpoints")
     g.add_argument("--resume", default="", help="fine-tuning checkpoint of this task, or 'auto'")
     g.add_argument("--save_per_epochs", type=int, default=0, help="keep a copy every N epochs (0: last only)")
@@ -102,8 +95,8 @@ def parse_args(argv=None):
     args = parse_with_config(get_args_parser(), argv)
     if args.task not in task_names():
         raise UserError(f"--task {args.task!r}: choose one of {', '.join(task_names())}")
-    if args.model is not None and args.model not in model_names():
-        raise UserError(f"--model {args.model!r} is unknown; known: {', '.join(model_names())}")
+    if args.model is not None and args.model not in backbone_names():
+        raise UserError(f"--model {args.model!r} is unknown; known: {', '.join(backbone_names())}")
     for flag in ("batch_size", "accum_iter", "epochs"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag} must be >= 1")
@@ -130,12 +123,7 @@ def finetune_mode(task_name):
     return f"finetune:{task_name}"
 
 
-@dataclass
-class Start:
-    kind: str  # "resume" (a fine-tuning checkpoint of this task) | "finetune" (pretrained weights) | "scratch"
-    path: str = None
-    ckpt: dict = None
-    reason: str = "no --finetune: the backbone starts from random initialisation"
+NO_FINETUNE = "no --finetune: the backbone starts from random initialisation"
 
 
 def _not_this_task(ckpt, path, task):
@@ -146,8 +134,9 @@ def _not_this_task(ckpt, path, task):
 
 
 def find_start(args):
-    """Which checkpoint the run starts from. Training: this run's own latest checkpoint wins (requeue), then
-    --resume, then --finetune. --eval: exactly the --resume file (or --finetune weights)."""
+    """Which checkpoint the run starts from, as a ResumePlan: "train" (a fine-tuning checkpoint of this task),
+    "weights" (pretrained weights, --finetune) or "none". Training: this run's own latest checkpoint wins
+    (requeue), then --resume, then --finetune. --eval: exactly the --resume file (or --finetune weights)."""
     mode = finetune_mode(args.task)
     if args.eval:
         if args.resume:
@@ -157,19 +146,19 @@ def find_start(args):
             ckpt = load_file(path, "--resume")
             if not is_training_checkpoint(ckpt) or ckpt.get("mode") != mode:
                 raise _not_this_task(ckpt, path, args.task)
-            return Start("resume", path, ckpt, f"evaluating {path} (epoch {ckpt['epoch']})")
+            return ResumePlan("train", path, ckpt, f"evaluating {path} (epoch {ckpt['epoch']})")
         if args.finetune:
-            return Start("finetune", args.finetune, _load_weights(args.finetune),
-                         f"evaluating the pretrained weights of {args.finetune} (any task head is untrained)")
+            return ResumePlan("weights", args.finetune, _load_weights(args.finetune),
+                              f"evaluating the pretrained weights of {args.finetune} (any task head is untrained)")
         raise UserError("--eval needs --resume <fine-tuned checkpoint> (or --finetune <pretrained weights>)")
     plan = plan_resume(args.output_dir, args.resume, mode)
     if plan.kind == "train":
-        return Start("resume", plan.path, plan.ckpt, plan.reason)
+        return plan
     if plan.kind == "weights":
         raise _not_this_task(plan.ckpt, plan.path, args.task)
     if args.finetune:
-        return Start("finetune", args.finetune, _load_weights(args.finetune), f"fine-tuning from {args.finetune}")
-    return Start("scratch", reason=plan.reason if args.resume else Start.reason)
+        return ResumePlan("weights", args.finetune, _load_weights(args.finetune), f"fine-tuning from {args.finetune}")
+    return ResumePlan("none", reason=plan.reason if args.resume else NO_FINETUNE)
 
 
 def _load_weights(path):
@@ -201,13 +190,13 @@ def build_model(args, task, name, overrides, start):
     backbone = create_model(name, **overrides)
     discarded = discard_pretraining_heads(backbone, task.keep_heads)
     provided = []
-    if start.kind == "finetune":
+    if start.kind == "weights":
         report, lines = load_backbone_weights(backbone, extract_state_dict(start.ckpt), start.path,
                                               start.ckpt.get("model_config"), discarded)
         for line in lines:
             LOG.info(line)
         provided = report["loaded"]
-    elif start.kind == "resume":
+    elif start.kind == "train":
         check_architecture(start.ckpt.get("model_config"), backbone.config, start.path, "--resume")
         provided = start.ckpt.get("provided_keys", [])
     if args.lora_rank and not provided:
@@ -215,7 +204,7 @@ def build_model(args, task, name, overrides, start):
     head = task.build_head(backbone)
     groups = set_trainable(backbone, head, task, args.lora_rank, args.lora_alpha, provided)
     model = FinetuneModel(backbone, head, task)
-    if start.kind == "resume":
+    if start.kind == "train":
         load_full_state(model, start.ckpt["model"], start.path, " (check --lora_rank, --nb_classes)")
     return model, provided, groups
 
@@ -231,7 +220,7 @@ def run(args, argv):
     LOG.info(f"task {args.task} | {env.world_size} process(es) via {env.launcher} on {env.device} | "
              f"effective batch {args.effective_batch_size} | lr {args.lr:.3e} | {start.reason}")
     ckpt = start.ckpt or {}
-    if args.eval and start.kind == "resume":  # the checkpoint's adapters define the network being evaluated
+    if args.eval and start.kind == "train":  # the checkpoint's adapters define the network being evaluated
         args.lora_rank = int(ckpt.get("args", {}).get("lora_rank", args.lora_rank))
         args.lora_alpha = float(ckpt.get("args", {}).get("lora_alpha", args.lora_alpha))
     tokenizer = resolve_tokenizer(args.tokenizer, args.do_lower_case, ckpt.get("tokenizer"), start.path,
@@ -241,7 +230,7 @@ def run(args, argv):
                                           model_config(name, **overrides)["img_size"], args.img_size,
                                           args.image_norm, args.interpolation, args.crop_pct)
     overrides["img_size"] = preprocess["img_size"]
-    task = task_cls(args, ckpt.get("task_state") if start.kind == "resume" else None)
+    task = task_cls(args, ckpt.get("task_state") if start.kind == "train" else None)
     data = task.build_data(tokenizer, preprocess, env.rank, env.world_size, train=not args.eval)
     torch.manual_seed(args.seed)  # the same initial head on every rank
     model, provided, groups = build_model(args, task, name, overrides, start)
@@ -259,64 +248,61 @@ def run(args, argv):
     optimizer = build_adamw(model, args.lr, args.weight_decay, tuple(args.opt_betas),
                             lr_scale_of=layer_decay_scale(model.backbone.config["depth"], args.layer_decay))
     ema = WeightEma(model, args.ema_decay) if args.ema else None
-    start_epoch, start_step, global_step, best = 0, 0, 0, {"value": None, "epoch": None}
-    if start.kind == "resume":
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if scaler is not None and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
+    pos, best = RunPosition(), {"value": None, "epoch": None}
+    if start.kind == "train":
+        pos = restore_training_state(ckpt, optimizer, scaler, env.rank)
         if ema is not None and ckpt.get("model_ema") is not None:
             ema.load_state_dict(ckpt["model_ema"])
-        start_epoch, start_step, global_step = ckpt["epoch"], ckpt["step_in_epoch"], ckpt["global_step"]
         best = {"value": ckpt.get("best_metric"), "epoch": ckpt.get("best_epoch")}
-        rngs = ckpt.get("rng") or []
-        if rngs:
-            set_rng_state(rngs[env.rank % len(rngs)])
     ddp = DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None) \
         if env.distributed else model
-    cfg = FinetuneConfig(env.device, steps_per_epoch, args.epochs, args.effective_batch_size, args.lr, args.min_lr,
-                         int(args.warmup_epochs * steps_per_epoch), args.accum_iter, args.clip_grad, autocast_dtype,
-                         args.log_freq)
+    cfg = RunConfig(device=env.device, steps_per_epoch=steps_per_epoch, epochs=args.epochs,
+                    samples_per_step=args.effective_batch_size, lr=args.lr, min_lr=args.min_lr,
+                    warmup_steps=int(args.warmup_epochs * steps_per_epoch), accum_iter=args.accum_iter,
+                    clip_grad=args.clip_grad, autocast_dtype=autocast_dtype, log_freq=args.log_freq)
     if env.is_main:
         write_args_json(os.path.join(args.output_dir, "args.json"), args, argv, env.world_size,
                         {"model_config": model.backbone.config, "start": start.kind, "started_from": start.path,
                          "task_state": task.state, "image_preprocess": preprocess, "steps_per_epoch": steps_per_epoch,
                          "num_train": data.num_train, "num_val": data.num_val})
+    data_state = {"tokenizer": tokenizer.to_state() if tokenizer is not None else None,
+                  "image_preprocess": dict(preprocess)}
 
     def build_state(epoch, step_in_epoch, step):
-        return {"model": model.state_dict(), "model_ema": ema.state_dict() if ema is not None else None,
-                "model_config": model.backbone.config, "task": args.task, "task_state": task.state,
-                "main_metric": task.main_metric, "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None, "epoch": epoch,
-                "step_in_epoch": step_in_epoch, "global_step": step, "mode": finetune_mode(args.task),
-                "batches_consumed": step_in_epoch * args.accum_iter, "args": _plain(vars(args)),
-                "provided_keys": list(provided), "tokenizer": tokenizer.to_state() if tokenizer is not None else None,
-                "image_preprocess": dict(preprocess), "best_metric": best["value"], "best_epoch": best["epoch"]}
+        extra = {"model_ema": ema.state_dict() if ema is not None else None, "task": args.task,
+                 "task_state": task.state, "main_metric": task.main_metric, "best_metric": best["value"],
+                 "best_epoch": best["epoch"]}
+        return training_state(model_state=model.state_dict(), model_config=model.backbone.config,
+                              optimizer=optimizer, scaler=scaler,
+                              position=RunPosition(epoch=epoch, step_in_epoch=step_in_epoch, global_step=step),
+                              mode=finetune_mode(args.task), args=args, accum_iter=args.accum_iter, provided=provided,
+                              data_state=data_state, extra=extra)
 
-    checkpointer = Checkpointer(args.output_dir, build_state, env.device, args.save_per_epochs, args.save_every_steps,
-                                args.save_every_minutes)
-    run_log = RunLog(args.output_dir, args.log_dir, env.is_main)
-    if start_epoch >= args.epochs:
-        LOG.info(f"nothing to do: the checkpoint is at epoch {start_epoch} of {args.epochs}")
-    LOG.info(f"training {args.epochs - start_epoch} epoch(s) of {steps_per_epoch} steps from epoch {start_epoch + 1} "
-             f"step {start_step + 1}; {data.num_train} training items, {data.num_val} evaluation items")
-    started = time.time()
+    trainer = Trainer(model=ddp, raw_model=model, optimizer=optimizer, scaler=scaler, cfg=cfg,
+                      post_step=_after_step(task.post_step(model.backbone), ema),
+                      run_log=RunLog(args.output_dir, args.log_dir, env.is_main),
+                      checkpointer=Checkpointer(args.output_dir, build_state, env.device, args.save_per_epochs,
+                                                args.save_every_steps, args.save_every_minutes),
+                      bad_samples=BadSampleLog(args.output_dir, env.rank))
+    if pos.epoch >= args.epochs:
+        LOG.info(f"nothing to do: the checkpoint is at epoch {pos.epoch} of {args.epochs}")
+    LOG.info(f"training {args.epochs - pos.epoch} epoch(s) of {steps_per_epoch} steps from epoch {pos.epoch + 1} "
+             f"step {pos.step_in_epoch + 1}; {data.num_train} training items, {data.num_val} evaluation items")
+    started, global_step, start_step = time.time(), pos.global_step, pos.step_in_epoch
     try:
-        for epoch in range(start_epoch, args.epochs):
+        for epoch in range(pos.epoch, args.epochs):
             data.train_sampler.set_epoch(epoch, start=start_step * args.accum_iter * args.batch_size)
-            global_step = train_one_epoch(ddp, model, data.train_loader, optimizer, scaler, epoch, start_step,
-                                          global_step, cfg, ema=ema, post_step=task.post_step(model.backbone),
-                                          checkpointer=checkpointer, run_log=run_log,
-                                          bad_sample_sink=_bad_sample_sink(args.output_dir, env.rank))
+            global_step = train_one_epoch(trainer, data.train_loader, epoch, start_step, global_step)
             start_step = 0
             stats = evaluate_all(model, ema, data, cfg)
             LOG.info(f"evaluation after epoch {epoch + 1} ({data.num_val} items): " + _fmt(stats))
-            run_log.write({"epoch": epoch + 1, **stats}, global_step, prefix="val")
+            trainer.run_log.write({"epoch": epoch + 1, **stats}, global_step, prefix="val")
             if not all(_finite(v) for v in stats.values()):
                 raise NonFiniteLoss(f"non-finite evaluation metrics after epoch {epoch + 1}: {stats}")
             improved = best["value"] is None or stats[task.main_metric] > best["value"]
             if improved:
                 best = {"value": stats[task.main_metric], "epoch": epoch + 1}
-            checkpointer.end_of_epoch(epoch, args.epochs, global_step)
+            trainer.checkpointer.end_of_epoch(epoch, args.epochs, global_step)
             if improved and env.is_main:
                 _copy_atomic(os.path.join(args.output_dir, LATEST), os.path.join(args.output_dir, BEST))
                 LOG.info(f"new best {task.main_metric} {best['value']:.4f}: saved {BEST}")
@@ -324,29 +310,46 @@ def run(args, argv):
         LOG.error(f"stopping: {e}")
         raise SystemExit(3) from None
     finally:
-        run_log.close()
+        trainer.run_log.close()
     if best["value"] is not None:
         LOG.info(f"best {task.main_metric} {best['value']:.4f} after epoch {best['epoch']}")
     LOG.info(f"done in {(time.time() - started) / 60:.1f} min; checkpoints in {args.output_dir}")
     return 0
 
 
+def _after_step(post_step, ema):
+    """One callable for after each optimizer step: the task's (e.g. a temperature clamp), then the EMA."""
+    steps = [f for f in (post_step, ema.update if ema is not None else None) if f is not None]
+    if not steps:
+        return None
+    return lambda: [f() for f in steps]
+
+
+def task_eval_set(model, data):
+    """The task's evaluation of `data.val_loader` (per-item predictions, metrics over the whole set)."""
+    def metrics(outputs):
+        return {**model.task.metrics(outputs), "n_items": data.num_val}
+    return EvalSet(loader=data.val_loader, num_items=data.num_val, predict=lambda m, batch, _: m.predict(batch),
+                   metrics=metrics)
+
+
 def evaluate_all(model, ema, data, cfg):
     """The model's metrics, plus the EMA weights' as ema_<name>."""
-    stats = evaluate(model, data.val_loader, data.num_val, cfg)
+    eval_set = task_eval_set(model, data)
+    stats = evaluate(eval_set, model, cfg.device, cfg.autocast_dtype)
     if ema is not None:
-        stats.update({f"ema_{k}": v for k, v in evaluate(ema.module, data.val_loader, data.num_val, cfg).items()
-                      if k != "n_items"})
+        stats.update({f"ema_{k}": v for k, v in evaluate(eval_set, ema.module, cfg.device, cfg.autocast_dtype).items() if k != "n_items"})
     return stats
 
 
 def run_eval(args, env, model, data, start, autocast_dtype, argv):
     ckpt = start.ckpt or {}
     ema = None
-    if start.kind == "resume" and ckpt.get("model_ema") is not None:
+    if start.kind == "train" and ckpt.get("model_ema") is not None:
         ema = WeightEma(model, 0.0)
         ema.load_state_dict(ckpt["model_ema"])
-    cfg = FinetuneConfig(env.device, 0, 0, args.effective_batch_size, 0.0, 0.0, 0, autocast_dtype=autocast_dtype)
+    cfg = RunConfig(device=env.device, steps_per_epoch=0, epochs=0, samples_per_step=args.effective_batch_size,
+                    lr=0.0, min_lr=0.0, warmup_steps=0, autocast_dtype=autocast_dtype)
     if env.is_main:
         write_args_json(os.path.join(args.output_dir, "args_eval.json"), args, argv, env.world_size,
                         {"evaluated": start.path, "start": start.kind, "task_state": model.task.state})
@@ -361,19 +364,6 @@ def run_eval(args, env, model, data, start, autocast_dtype, argv):
     return 0
 
 
-def _bad_sample_sink(output_dir, rank):
-    path = os.path.join(output_dir, f"bad_samples_rank{rank}.tsv")
-
-    def sink(items, epoch):
-        if not items:
-            return
-        with open(path, "a", encoding="utf-8") as f:
-            f.writelines(f"{epoch}\t{p}\t{why}\n" for p, why in items)
-        LOG.warning(f"replaced {len(items)} unreadable sample(s), listed in {path}: "
-                    + "; ".join(f"{p} ({why})" for p, why in items[:3]))
-    return sink
-
-
 def _copy_atomic(src, dst):
     shutil.copyfile(src, f"{dst}.tmp")
     os.replace(f"{dst}.tmp", dst)
@@ -385,12 +375,6 @@ def _finite(v):
 
 def _fmt(stats):
     return " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items())
-
-
-def _plain(d):
-    """args as str/int/float/bool/None/list only (checkpoints load with weights_only=True)."""
-    return {k: v if isinstance(v, (str, int, float, bool, type(None))) else
-            list(v) if isinstance(v, (list, tuple)) else str(v) for k, v in d.items()}
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from custom_datasets.pair_dataset import (BadSample, decode_image, load_with_rep
                                           read_file_bytes)
 from custom_datasets.text_dataset import PackedStrings
 from util.errors import UserError
+from util.logger import LOG
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")  # compared lower-cased, so .JPEG counts
 
@@ -69,6 +70,18 @@ def image_preprocess_state(img_size: int = 224, norm: str = "beit", interpolatio
     mean, std = IMAGE_NORMS[norm]
     return {"img_size": int(img_size), "norm": norm, "mean": list(mean), "std": list(std),
             "interpolation": interpolation, "crop_pct": float(crop_pct)}
+
+
+def inherit_image_state(norm_flag, ckpt, source, img_size):
+    """Image preprocessing of a pretraining run: --image_norm, else the resumed checkpoint's record (`ckpt`
+    read from `source`), else BEiT's 0.5/0.5. A flag that contradicts the record wins, with a loud warning."""
+    inherited = (ckpt or {}).get("image_preprocess")
+    norm = norm_flag or (inherited or {}).get("norm") or "beit"
+    if inherited and norm_flag and inherited.get("norm") != norm_flag:
+        LOG.warning("!" * 100 + f"\n!! --image_norm {norm_flag} differs from the '{inherited.get('norm')}' "
+                    f"normalisation recorded in {source}.\n!! The weights were trained on differently normalised "
+                    "pixels; continuing with the flag's value.\n" + "!" * 100)
+    return image_preprocess_state(img_size=img_size, norm=norm)
 
 
 def _checked_state(state: dict) -> dict:

@@ -1,11 +1,11 @@
 """CLIP-family dual encoder: any timm ViT as the image tower, and our text tower or a local Hugging Face
 BERT/RoBERTa folder as the text tower, each followed by a projection (Linear, no bias) to a shared space.
 
-It offers VLMo's training interface (`config`, `encode_image`, `encode_text`, `forward(samples, mode, ...)`,
-`logit_scale`/`logit_bias`, `locked_towers`, `lora_modalities`, `reg_loss_weight`, `itc_image_proj`,
-`configure_trainable`), so the image_text_itc objective, the training loop and the evaluation run it
-unchanged. CLIP, SigLIP, LiT/SigLiT (`lock_image`) and Chinese CLIP (a BERT-style Chinese text tower) are
-configurations of it. `transformers` is only imported for a Hugging Face text tower.
+It offers VLMo's contrastive interface (`config`, `encode_image`, `encode_text`, `logit_scale`/`logit_bias`,
+`locked_towers`, `lora_modalities`, `reg_loss_weight`, `itc_image_proj`, `configure_trainable`), so the
+image_text_itc mode (modes/image_text_itc.py), the training loop and the evaluation run it unchanged; it is
+built through the registry as `create_model("dual_encoder", image_tower=..., text_tower=..., ...)`. CLIP,
+SigLIP, LiT/SigLiT (`lock_image`) and Chinese CLIP (a BERT-style Chinese text tower) are configurations of it. `transformers` is only imported for a Hugging Face text tower.
 """
 import json
 import math
@@ -17,9 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
-from models import objectives
 from models.embeddings import TextEmbeddings
-from models.lora import LoRALinear, add_self_regularization, self_regularization_loss
+from models.lora import LoRALinear, self_regularization_loss
 from models.multiway_block import LayerNorm, MultiwayBlock
 from models.vlmo import ITC_LOSSES
 from util.errors import UserError
@@ -127,13 +126,6 @@ class DualEncoder(nn.Module):
     def self_regularization_loss(self):
         """reg_loss_weight * sum over adapted layers of sum((W0 * delta)^2)."""
         return self_regularization_loss(self)
-
-    def forward(self, samples, mode, loss_normalizer=None, reg_scale=1.0):
-        """Losses of one image_text_itc step (see models/objectives.py); same contract as VLMo.forward."""
-        if mode != MODE:
-            raise ValueError(f"the dual encoder trains only {MODE!r}, not {mode!r}")
-        out = objectives.image_text_itc(self, samples, loss_normalizer)
-        return add_self_regularization(self, out, reg_scale)
 
     def configure_trainable(self, mode, lora_rank=0, lora_alpha=1.0, provided_keys=(), lock_image=False,
                             lock_text=False, reg_loss_weight=0.0):
@@ -293,7 +285,7 @@ def _max_positions(hf_config):
 
 def build_dual_encoder(image_tower, text_tower, embed_dim=512, itc_loss="clip", img_size=224, vocab_size=None,
                        image_tower_weights=None, image_tower_kwargs=None, text_tower_kwargs=None, max_text_len=196,
-                       drop_path=0.0):
+                       drop_path_rate=0.0):
     """A DualEncoder from flags-level choices.
 
     image_tower: timm model name (random init, or `image_tower_weights`: a timm state dict file);
@@ -302,6 +294,7 @@ def build_dual_encoder(image_tower, text_tower, embed_dim=512, itc_loss="clip", 
     Face BERT/RoBERTa folder (weights loaded offline; vocab_size, if given, is checked against it).
     max_text_len: the longest tokenized text (position table of our tower; checked for an HF tower).
     """
+    drop_path = drop_path_rate
     image_kwargs = dict(image_tower_kwargs or {})
     if drop_path:
         image_kwargs.setdefault("drop_path_rate", drop_path)

@@ -73,3 +73,36 @@ def load_pretrained_weights(model, state_dict, path, flag="--resume", ckpt_confi
     report["unused"] = sorted(k for k in state_dict if k not in own)
     report["missing"] = sorted(k for k in own if k not in to_load)
     return report
+
+
+def load_weights(model, state_dict, path, flag="--resume", ckpt_config=None):
+    """Weights-only initialisation of any registry model (multiway backbone or dual encoder); the report
+    keys are those of load_pretrained_weights."""
+    from models.dual_encoder import is_dual_encoder_config, load_dual_encoder_weights
+
+    if is_dual_encoder_config(model.config):
+        return load_dual_encoder_weights(model, state_dict, path, flag, ckpt_config)
+    return load_pretrained_weights(model, state_dict, path, flag, ckpt_config)
+
+
+def model_for_resume(ckpt_config, name, overrides, path, flag="--resume"):
+    """The model a training checkpoint continues, checked against the run's `--model` and overrides. A
+    multiway backbone is built from the run's settings (which must describe the checkpoint's tensors); a
+    dual encoder is rebuilt from the checkpoint's own config, so no image weights file or Hugging Face
+    folder is read again."""
+    from models.dual_encoder import OURS, dual_encoder_from_config, is_dual_encoder_config
+    from models.registry import create_model
+
+    ckpt_config = ckpt_config or {}
+    if ckpt_config.get("name", name) != name:
+        raise UserError(f"{flag} {path}: holds a {ckpt_config['name']} model, not --model {name}")
+    if not is_dual_encoder_config(ckpt_config):
+        model = create_model(name, **overrides)
+        check_architecture(ckpt_config, model.config, path, flag)
+        return model
+    image, text = ckpt_config["image"]["name"], ckpt_config["text"]
+    want_image, want_text = overrides.get("image_tower", image), overrides.get("text_tower", OURS)
+    if image != want_image or (text["kind"] == OURS) != (want_text == OURS):
+        raise UserError(f"{flag} {path}: holds a dual encoder of {image} + {text.get('path', OURS)}, not "
+                        f"--image_tower {want_image} + --text_tower {want_text}")
+    return dual_encoder_from_config(ckpt_config)

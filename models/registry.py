@@ -1,5 +1,16 @@
-"""Model registry: `create_model(name, **overrides)`; every architecture is a plain config dict."""
+"""Model registry: `create_model(name, **overrides)` for every model, the multiway VLMo backbones and the
+CLIP-family `dual_encoder`; every architecture is a plain config dict saved with its checkpoints.
+
+Overrides are the registry's keys (`model_options(name)`): for a VLMo backbone its config entries
+(embed_dim, depth, num_heads, patch_size, img_size, ffn_layout, ...), for the dual encoder the arguments of
+models.dual_encoder.build_dual_encoder. An unknown key is a KeyError naming the known ones, so a
+command-line `--model_kwargs` JSON is checked before anything is built.
+"""
+import inspect
+
 from models.vlmo import VLMo
+
+DUAL_ENCODER = "dual_encoder"
 
 _DEFAULTS = dict(img_size=224, patch_size=16, mlp_ratio=4.0, vocab_size=30522, max_text_len=196,
                  ffn_layout="multiway", drop_rate=0.0, drop_path_rate=0.0, mim_vocab_size=8192,
@@ -17,19 +28,59 @@ _ARCHS = {
 ARCHITECTURE_KEYS = ("embed_dim", "depth", "num_heads", "mlp_ratio", "patch_size", "ffn_layout", "vl_start")
 
 
-def model_names():
+def _dual_encoder_options():
+    from models.dual_encoder import build_dual_encoder
+
+    params = inspect.signature(build_dual_encoder).parameters
+    return {k: (None if p.default is inspect.Parameter.empty else p.default) for k, p in params.items()}
+
+
+def backbone_names():
+    """The multiway (VLMo) backbones: what fine-tuning and the BEiT converter build."""
     return sorted(_ARCHS)
 
 
-def model_config(name, **overrides):
+def model_names():
+    return backbone_names() + [DUAL_ENCODER]
+
+
+def model_options(name):
+    """{option: default} that `create_model(name, **overrides)` accepts."""
+    if name == DUAL_ENCODER:
+        return _dual_encoder_options()
     if name not in _ARCHS:
         raise KeyError(f"unknown model {name!r}; known: {', '.join(model_names())}")
-    unknown = set(overrides) - set(_DEFAULTS) - set(_ARCHS[name])
+    return {**_DEFAULTS, **_ARCHS[name]}
+
+
+def check_overrides(name, overrides):
+    unknown = set(overrides) - set(model_options(name))
     if unknown:
-        raise KeyError(f"unknown model option(s) {sorted(unknown)}")
-    return {"name": name, **_DEFAULTS, **_ARCHS[name], **overrides}
+        raise KeyError(f"unknown option(s) {sorted(unknown)} for model {name}; known: "
+                       f"{', '.join(sorted(model_options(name)))}")
+
+
+def model_config(name, **overrides):
+    """The config `create_model(name, **overrides)` builds from (for the dual encoder: its options; the full
+    config, with tower widths, exists only once the towers are built)."""
+    check_overrides(name, overrides)
+    return {"name": name, **model_options(name), **overrides}
 
 
 def create_model(name, **overrides):
     """Build a model by registered name; overrides replace config entries (img_size, ffn_layout, ...)."""
+    if name == DUAL_ENCODER:
+        from models.dual_encoder import build_dual_encoder
+
+        check_overrides(name, overrides)
+        return build_dual_encoder(**overrides)
     return VLMo(model_config(name, **overrides))
+
+
+def model_from_config(config):
+    """Rebuild (random weights) the architecture a checkpoint's `model_config` records."""
+    from models.dual_encoder import dual_encoder_from_config, is_dual_encoder_config
+
+    if is_dual_encoder_config(config):
+        return dual_encoder_from_config(config)
+    return create_model(config["name"], **{k: v for k, v in config.items() if k != "name"})

@@ -12,11 +12,26 @@ _SHARED = [r"blocks\.\d+\.norm1\.", r"blocks\.\d+\.attn\.(qkv|proj)\.", r"blocks
 _IMAGE = [r"patch_embed\.", r"cls_token$", r"blocks\.\d+\.attn\.relative_position_bias_table$",
           r"blocks\.\d+\.(norm2|mlp)_imag\."]
 _TEXT = [r"text_embeddings\.", r"blocks\.\d+\.(norm2|mlp)_text\."]
-_MODE_EXTRA = {
-    "text_mlm": [r"mlm_head\."],
-    "image_mim": [r"mask_token$", r"mim_head\."],
-    "image_text_itc": [r"itc_(image|text)_proj\.", r"logit_scale$", r"logit_bias$"],
-}
+_TOWERS = {"image": _IMAGE, "text": _TEXT}
+# mode name -> parameter-name patterns on its path; each pretraining mode file registers its own.
+_MODE_PATHS = {}
+
+
+def register_mode_path(mode, towers, heads):
+    """Declare which parameters `mode`'s forward pass uses: the shared attention stack, the experts and
+    embeddings of `towers` ("image", "text") and the head parameters matching the regexes `heads`."""
+    _MODE_PATHS[mode] = tuple(_SHARED + [p for t in towers for p in _TOWERS[t]] + list(heads))
+
+
+def _mode_path(mode):
+    if mode not in _MODE_PATHS:
+        # The mode files register their paths when the `modes` package is first used; a script that calls
+        # configure_trainable directly gets them discovered here (by name: models never import modes).
+        import importlib
+        importlib.import_module("modes").mode_names()
+    if mode not in _MODE_PATHS:
+        raise ValueError(f"unknown mode {mode!r}; known: {', '.join(sorted(_MODE_PATHS))}")
+    return _MODE_PATHS[mode]
 
 
 def _matches(name, patterns):
@@ -37,9 +52,7 @@ def tower_of(name):
 def on_mode_path(name, mode):
     """True if the parameter takes part in `mode`'s forward pass."""
     base = name.replace(".lora_A", ".weight").replace(".lora_B", ".weight")
-    paths = {"text_mlm": _SHARED + _TEXT, "image_mim": _SHARED + _IMAGE,
-             "image_text_itc": _SHARED + _IMAGE + _TEXT}[mode]
-    return _matches(base, paths + _MODE_EXTRA[mode])
+    return _matches(base, _mode_path(mode))
 
 
 def configure_trainable(model, mode, lora_rank=0, lora_alpha=1.0, provided_keys=(), lock_image=False,

@@ -6,13 +6,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
-from models import objectives
 from models.embeddings import PatchEmbed, TextEmbeddings
 from models.heads import MLMHead
-from models.lora import LoRALinear, add_self_regularization, self_regularization_loss
+from models.lora import LoRALinear, self_regularization_loss
 from models.multiway_block import LayerNorm, MultiwayBlock
 
-MODES = ("text_mlm", "image_mim", "image_text_itc")
 ITC_LOSSES = ("clip", "siglip")
 ITC_POOLS = ("cls", "mean")
 MIM_TARGETS = ("dalle", "pixel")
@@ -119,20 +117,7 @@ class VLMo(nn.Module):
             pooled = h[:, 0]
         return F.normalize(self.itc_text_proj(pooled), dim=-1)
 
-    # ---- training entry ----
+    # ---- regularisation (the training entry is modes/: PretrainModel(backbone, mode)) ----
     def self_regularization_loss(self):
         """reg_loss_weight * sum over adapted layers of sum((W0 * delta)^2)."""
         return self_regularization_loss(self)
-
-    def forward(self, samples, mode, loss_normalizer=None, reg_scale=1.0):
-        """One training step's losses. `samples` is the collated batch on the model's device.
-
-        loss_normalizer: denominator of token-summed losses (the global masked count divided by the world
-        size, so DDP's gradient averaging yields the gradient of the global mean); default: the local count.
-        reg_scale: multiplies the self-regularization term (1/accum_iter so accumulation adds it once).
-        Returns a dict with `loss` (differentiable) and detached named terms.
-        """
-        if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
-        out = getattr(objectives, mode)(self, samples, loss_normalizer)
-        return add_self_regularization(self, out, reg_scale)

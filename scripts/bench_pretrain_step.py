@@ -16,6 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from models.registry import create_model  # noqa: E402
 from models.trainable import configure_trainable  # noqa: E402
+from modes.base import pretrain_model  # noqa: E402
 from util.optim_factory import build_adamw  # noqa: E402
 
 
@@ -44,7 +45,8 @@ def make_batch(mode, model, b, length, device, g):
     return {"images": images, "text_ids": batch["text_ids"], "text_masks": batch["text_masks"]}
 
 
-def measure(model, mode, batch, steps, warmup, device, autocast_dtype):
+def measure(model, batch, steps, warmup, device, autocast_dtype):
+    """model(batch)["loss"] is one training step's loss (modes.base.PretrainModel, or a reference)."""
     opt = build_adamw(model, 1e-4, 0.05)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -55,7 +57,7 @@ def measure(model, mode, batch, steps, warmup, device, autocast_dtype):
                 torch.cuda.synchronize(device)
             start = time.perf_counter()
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            loss = model(batch, mode)["loss"]
+            loss = model(batch)["loss"]
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -85,13 +87,13 @@ def measure_timm_beit(model, batch, steps, warmup, device, dtype):
             super().__init__()
             self.ref, self.head = ref, head
 
-        def forward(self, b, mode):
+        def forward(self, b):
             tokens = self.ref.forward_features(b["images"])[:, 1:]
             mask = b["bool_masked_pos"]
             logits = self.head(tokens[mask]).float()
             return {"loss": torch.nn.functional.cross_entropy(logits, b["mim_labels"][mask])}
 
-    return measure(Wrapped(), "image_mim", batch, steps, warmup, device, dtype)
+    return measure(Wrapped(), batch, steps, warmup, device, dtype)
 
 
 def measure_dvae(n_hid, images, steps, device):
@@ -137,6 +139,7 @@ def main(argv=None):
     torch.manual_seed(0)
     model = create_model(args.model, mim_target="dalle", itc_loss=args.itc_loss).to(device)
     configure_trainable(model, args.mode)
+    step_model = pretrain_model(model, args.mode)
     batch = make_batch(args.mode, model, args.batch_size, args.seq_len, device, torch.Generator().manual_seed(0))
     loss_note = f" ({args.itc_loss})" if args.mode == "image_text_itc" else ""
     print(f"{args.mode}{loss_note} step | {args.model} | batch {args.batch_size} | {precision} | {device} "
@@ -145,7 +148,7 @@ def main(argv=None):
         # Alternate rounds of ours and timm's and take medians: machine noise hits both alike.
         ours, ref = [], []
         for _ in range(args.rounds):
-            ours.append(measure(model, args.mode, batch, args.steps, args.warmup, device, dtype))
+            ours.append(measure(step_model, batch, args.steps, args.warmup, device, dtype))
             ref.append(measure_timm_beit(model, batch, args.steps, args.warmup, device, dtype))
         (sps, peak), (timm_sps, timm_peak) = _median(ours), _median(ref)
         print(f"  ours (SDPA attention):     {sps:8.2f} samples/s   peak memory {peak:6.2f} GiB")
@@ -153,7 +156,7 @@ def main(argv=None):
               f"peak memory {timm_peak:6.2f} GiB")
         print(f"  speed ratio ours/timm (median of {args.rounds} alternating rounds): {sps / timm_sps:.2f}x")
     else:
-        sps, peak = measure(model, args.mode, batch, args.steps, args.warmup, device, dtype)
+        sps, peak = measure(step_model, batch, args.steps, args.warmup, device, dtype)
         print(f"  ours (SDPA attention):     {sps:8.2f} samples/s   peak memory {peak:6.2f} GiB")
     if not args.no_reference and args.mode == "image_mim":
         dvae_s = measure_dvae(args.dvae_n_hid, batch["images"], args.steps, device)
@@ -162,7 +165,7 @@ def main(argv=None):
               f"{100 * dvae_s / (dvae_s + step_s):.1f}% of a training step with targets")
     if not args.no_reference and args.mode != "image_mim":
         model.math_attention = True
-        ref_sps, ref_peak = measure(model, args.mode, batch, args.steps, args.warmup, device, dtype)
+        ref_sps, ref_peak = measure(step_model, batch, args.steps, args.warmup, device, dtype)
         print(f"  reference (math attention): {ref_sps:7.2f} samples/s   peak memory {ref_peak:6.2f} GiB")
         print(f"  speed ratio ours/reference: {sps / ref_sps:.2f}x")
     return 0

@@ -3,43 +3,28 @@
 A new task is one module in this package defining a `tasks.base.Task` subclass decorated with
 `@register_task("name")`; modules are discovered when the registry is first asked.
 """
-import importlib
-import pkgutil
+from util.registry import Registry
 
-_TASKS = {}
-_NOT_TASKS = {"base"}
+_REGISTRY = Registry("task", __name__, __path__)
+_TASKS = _REGISTRY.entries
 
 
 def register_task(name):
     """Class decorator: make a Task subclass available as `--task name`."""
     def wrap(cls):
-        if name in _TASKS and _TASKS[name] is not cls:
-            raise ValueError(f"task {name!r} is registered twice ({_TASKS[name].__module__}, {cls.__module__})")
         cls.name = name
-        _TASKS[name] = cls
-        return cls
+        return _REGISTRY.add(name, cls)
     return wrap
 
 
-def _discover():
-    for info in pkgutil.iter_modules(__path__):
-        if info.name not in _NOT_TASKS:
-            importlib.import_module(f"{__name__}.{info.name}")
-
-
 def task_names():
-    _discover()
-    return sorted(_TASKS)
+    return _REGISTRY.names()
 
 
 def all_tasks():
-    _discover()
-    return [_TASKS[n] for n in sorted(_TASKS)]
+    return _REGISTRY.all()
 
 
 def get_task(name):
     """The Task class registered as `name` (KeyError naming the known tasks otherwise)."""
-    _discover()
-    if name not in _TASKS:
-        raise KeyError(f"unknown task {name!r}; known: {', '.join(sorted(_TASKS))}")
-    return _TASKS[name]
+    return _REGISTRY.get(name)

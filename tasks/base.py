@@ -109,7 +109,9 @@ def text_features(backbone, text_ids, text_masks, pool="avg"):
 
 
 class FinetuneModel(nn.Module):
-    """backbone (VLMo) + the task's head; `forward(batch)` is the training loss, `predict(batch)` evaluation.
+    """backbone (VLMo) + the task's head; `forward(batch, loss_normalizer)` is the training loss (the task's
+    per-batch mean divided by `loss_normalizer`, the number of micro-batches per optimizer step),
+    `predict(batch)` evaluation. The training loop (engine_pretrain.py) drives it as it drives pretraining.
 
     State dict keys: `backbone.*` and `head.*`.
     """
@@ -119,8 +121,18 @@ class FinetuneModel(nn.Module):
         self.backbone, self.head = backbone, head
         self.task = task  # not a module: holds no parameters
 
-    def forward(self, batch):
-        return self.task.loss(self.backbone, self.head, batch)
+    def prepare_batch(self, batch):
+        """Tasks compute no device-side targets."""
+
+    def loss_units(self, batch):
+        """None: a task's loss is already a per-batch mean."""
+        return None
+
+    def forward(self, batch, loss_normalizer=1.0, reg_scale=1.0):
+        """reg_scale is accepted for the loop's uniform call; fine-tuning has no self-regularization term."""
+        out = self.task.loss(self.backbone, self.head, batch)
+        out["loss"] = out["loss"] / loss_normalizer
+        return out
 
     @torch.no_grad()
     def predict(self, batch):

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from models.contrastive import clip_loss, siglip_loss
+from modes.base import pretrain_model
 from models.dual_encoder import build_dual_encoder, dual_encoder_from_config, same_architecture
 from util.errors import UserError
 
@@ -38,7 +39,7 @@ def train_steps(model, tok, steps=3):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
     losses = []
     for step in range(steps):
-        out = model(make_batch(tok, seed=step + 1), MODE)
+        out = pretrain_model(model, MODE)(make_batch(tok, seed=step + 1))
         out["loss"].backward()
         losses.append(out["loss"].item())
         yield losses
@@ -68,7 +69,7 @@ def test_timm_and_our_text_tower_train_both_towers(tiny_tokenizer, itc_loss):
     assert set(groups) == {"image", "text", "head"}
     assert model.itc_image_proj.out_features == 16 and model.config["image"]["width"] == 64
     batch = make_batch(tiny_tokenizer)
-    out = model(batch, MODE)
+    out = pretrain_model(model, MODE)(batch)
     assert torch.isfinite(out["loss"])
     img, txt = model.encode_image(batch["images"]), model.encode_text(batch["text_ids"], batch["text_masks"])
     assert img.shape == txt.shape == (6, 16) and torch.allclose(img.norm(dim=-1), torch.ones(6))
@@ -80,7 +81,7 @@ def test_timm_and_our_text_tower_train_both_towers(tiny_tokenizer, itc_loss):
     for tower in ("image_tower", "text_tower", "itc_image_proj", "itc_text_proj", "logit_scale"):
         assert norms[tower] > 0, tower
     with pytest.raises(ValueError):
-        model(batch, "text_mlm")
+        pretrain_model(model, "text_mlm")(batch)
     with pytest.raises(UserError):
         model.configure_trainable("text_mlm")
 
@@ -88,7 +89,7 @@ def test_timm_and_our_text_tower_train_both_towers(tiny_tokenizer, itc_loss):
 @pytest.mark.parametrize("locked", ["image", "text"])
 def test_lit_locked_tower_embeddings_bit_identical(tiny_tokenizer, locked):
     torch.manual_seed(0)
-    model = make_model(tiny_tokenizer, drop_path=0.1)  # drop path: a locked tower must still be deterministic
+    model = make_model(tiny_tokenizer, drop_path_rate=0.1)  # drop path: a locked tower must still be deterministic
     groups = model.configure_trainable(MODE, lock_image=locked == "image", lock_text=locked == "text")
     other = "text" if locked == "image" else "image"
     assert model.locked_towers == {locked} and locked not in groups and other in groups
@@ -154,7 +155,7 @@ def test_lora_and_checkpoint_round_trip(tiny_tokenizer, tmp_path):
     assert groups["image"] == ["itc_image_proj.weight"] and groups["text"]
     for losses in train_steps(model, tiny_tokenizer, steps=2):
         pass
-    out = model(make_batch(tiny_tokenizer), MODE)
+    out = pretrain_model(model, MODE)(make_batch(tiny_tokenizer))
     assert out["reg_loss"] > 0 and torch.isfinite(out["loss"])
     out["loss"].backward()
     grads_by_tower(model)

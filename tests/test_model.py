@@ -7,6 +7,7 @@ import torch
 from models.lora import LoRALinear
 from models.registry import create_model
 from models.relative_position import build_relative_position_index, num_relative_buckets
+from modes.base import pretrain_model
 from models.trainable import configure_trainable, on_mode_path
 
 VOCAB = 50
@@ -101,7 +102,7 @@ def test_padding_does_not_change_real_tokens():
 def test_mode_path_gets_gradients_and_the_rest_is_frozen(layout, mode):
     m = tiny(ffn_layout=layout)
     configure_trainable(m, mode)
-    out = m(batch(mode), mode)
+    out = pretrain_model(m, mode)(batch(mode))
     out["loss"].backward()
     for name, p in m.named_parameters():
         if p.requires_grad:
@@ -160,7 +161,7 @@ def test_self_regularization_equals_hand_computation():
         delta = (b @ a) * (1.0 / 2)
         hand += sum((w0[i, j] * delta[i, j]) ** 2 for i in range(w0.shape[0]) for j in range(w0.shape[1]))
     torch.testing.assert_close(m.self_regularization_loss().double().detach(), (10.0 * hand).clone(), rtol=1e-5, atol=0)
-    out = m(batch("text_mlm"), "text_mlm")
+    out = pretrain_model(m, "text_mlm")(batch("text_mlm"))
     assert "reg_loss" in out and math.isclose(out["reg_loss"].item(), 10.0 * hand, rel_tol=1e-5)
 
 

@@ -35,6 +35,20 @@ def add_run_args(group):
     group.add_argument("--dist_backend", default=None, help="default: nccl with CUDA, gloo on CPU")
 
 
+def add_optimizer_args(group, epochs, warmup_epochs, blr, betas):
+    """Optimisation flags of both entry points (defaults differ between pretraining and fine-tuning)."""
+    group.add_argument("--batch_size", type=int, default=64, help="per process, per accumulation step")
+    group.add_argument("--accum_iter", type=int, default=1, help="micro-batches per optimizer step")
+    group.add_argument("--epochs", type=int, default=epochs)
+    group.add_argument("--warmup_epochs", type=float, default=warmup_epochs, help="linear lr warmup, then cosine")
+    group.add_argument("--blr", type=float, default=blr, help="lr = blr * effective batch / 256")
+    group.add_argument("--lr", type=float, default=None, help="absolute lr (overrides --blr)")
+    group.add_argument("--min_lr", type=float, default=1e-6, help="lr at the end of the cosine schedule")
+    group.add_argument("--weight_decay", type=float, default=0.05, help="AdamW decoupled weight decay")
+    group.add_argument("--opt_betas", type=float, nargs=2, default=list(betas), help="AdamW betas")
+    group.add_argument("--clip_grad", type=float, default=None, help="clip the gradient norm to this (off: None)")
+
+
 def parse_with_config(parser, argv):
     """Parse argv; values from `--config FILE` replace the parser's defaults, explicit flags still win."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -87,3 +101,29 @@ def write_args_json(path, args, argv, world_size, extra=None):
     with open(tmp, "w") as f:
         json.dump(record, f, indent=2, default=str)
     os.replace(tmp, path)
+
+
+def plain_args(d):
+    """args as str/int/float/bool/None/list only (checkpoints load with weights_only=True); a mapping (e.g.
+    --model_kwargs from a YAML config) is kept as its JSON text."""
+    def plain(v):
+        if isinstance(v, (str, int, float, bool, type(None))):
+            return v
+        if isinstance(v, (list, tuple)):
+            return list(v)
+        return json.dumps(v, sort_keys=True) if isinstance(v, dict) else str(v)
+    return {k: plain(v) for k, v in d.items()}
+
+
+def json_mapping(value, flag):
+    """A JSON-object flag (--model_kwargs, --image_tower_kwargs, ...): JSON text on the command line, a
+    mapping in --config; None -> {}."""
+    if value is None or isinstance(value, dict):
+        return dict(value or {})
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{flag}: not valid JSON ({e.msg}); e.g. {flag} '{{\"depth\": 2}}'") from None
+    if not isinstance(parsed, dict):
+        raise UserError(f"{flag}: expected a JSON object, e.g. '{{\"depth\": 2}}'")
+    return parsed

@@ -36,7 +36,7 @@ import torch  # noqa: E402
 
 from models.loading import grid_from_buckets  # noqa: E402
 from models.registry import model_config as registry_model_config  # noqa: E402
-from models.registry import model_names  # noqa: E402
+from models.registry import backbone_names  # noqa: E402
 from models.relative_position import resize_relative_position_table  # noqa: E402
 from models.vlmo import VLMo  # noqa: E402
 from util.checkpoint import extract_state_dict, save_atomic  # noqa: E402
@@ -215,7 +215,7 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description="Convert a BEiT checkpoint to the VLMo layout.")
     parser.add_argument("--src", default=DEFAULT_SRC, help="BEiT checkpoint (.pth)")
     parser.add_argument("--dst", default=DEFAULT_DST, help="converted checkpoint to write")
-    parser.add_argument("--model", default="vlmo_base_patch16", help=f"one of {', '.join(model_names())}")
+    parser.add_argument("--model", default="vlmo_base_patch16", help=f"one of {', '.join(backbone_names())}")
     parser.add_argument("--ffn_layout", default="multiway", choices=("multiway", "shared"))
     parser.add_argument("--copy_mlp_to_text", action="store_true",
                         help="multiway: also initialise the text expert from BEiT's FFN")

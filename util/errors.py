@@ -11,3 +11,7 @@ def run_cli(main):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+
+
+class NonFiniteLoss(RuntimeError):
+    """A non-finite loss or metric: the run stops (exit 3) without writing a checkpoint after it."""

@@ -17,14 +17,15 @@ from custom_datasets.pair_collator import PairCollator  # noqa: E402
 from custom_datasets.pair_dataset import build_pair_dataset  # noqa: E402
 from custom_datasets.hf_tokenizer import tokenizer_from_any_state  # noqa: E402
 from custom_datasets.tokenizer import load_tokenizer  # noqa: E402
-from models.registry import create_model  # noqa: E402
+from engine_pretrain import evaluate  # noqa: E402
+from models.registry import model_from_config  # noqa: E402
+from modes.image_text_itc import build_zero_shot  # noqa: E402
 from util import dist as du  # noqa: E402
 from util.checkpoint import extract_state_dict, load_file  # noqa: E402
 from util.errors import UserError  # noqa: E402
-from util.itc_eval import retrieval_metrics  # noqa: E402
+from util.itc_eval import retrieval_set  # noqa: E402
 from util.logger import LOG, setup_logging  # noqa: E402
 from util.run_common import entry_point  # noqa: E402
-from util.run_setup import build_zero_shot  # noqa: E402
 
 
 def parse_args(argv):
@@ -55,11 +56,7 @@ def load_model(path, device):
     if any(".lora_" in k for k in sd):
         from models.merge import merge_lora_state_dict
         sd = merge_lora_state_dict(sd, ckpt.get("args", {}).get("lora_alpha", 1.0))
-    from models.dual_encoder import dual_encoder_from_config, is_dual_encoder_config
-    if is_dual_encoder_config(config):
-        model = dual_encoder_from_config(config)
-    else:
-        model = create_model(config["name"], **{k: v for k, v in config.items() if k != "name"})
+    model = model_from_config(config)
     model.load_state_dict(sd)
     return model.to(device).eval(), ckpt
 
@@ -76,12 +73,12 @@ def evaluate_checkpoint(args, argv=None):
                                  split="valid")
         loader = eval_loader(val, PairCollator(tokenizer), args.batch_size, env.rank, env.world_size,
                              args.num_workers, args.pin_mem)
-        metrics.update(retrieval_metrics(model, loader, val, env.device))
+        metrics.update(evaluate(retrieval_set(loader, getattr(val, "image_index", range(len(val)))), model, env.device))
         metrics["num_pairs"] = len(val)
     if args.zeroshot_data_path:
-        zero_shot, n = build_zero_shot(args, tokenizer, image_state, env.rank, env.world_size)
-        metrics.update(zero_shot(model, env.device))
-        metrics["num_zeroshot_images"] = n
+        zero_shot = build_zero_shot(args, tokenizer, image_state, env.rank, env.world_size)
+        metrics.update(evaluate(zero_shot, model, env.device))
+        metrics["num_zeroshot_images"] = zero_shot.num_items
     LOG.info(json.dumps(metrics, indent=1))
     if args.out and env.is_main:
         with open(args.out, "w") as f:

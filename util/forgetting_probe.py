@@ -33,10 +33,12 @@ from custom_datasets.masking_generator import MaskingGenerator  # noqa: E402
 from custom_datasets.mlm_collator import MLMCollator  # noqa: E402
 from custom_datasets.text_dataset import CaptionDataset  # noqa: E402
 from custom_datasets.tokenizer import tokenizer_from_state  # noqa: E402
+from engine_pretrain import evaluate  # noqa: E402
 from models.loading import load_pretrained_weights  # noqa: E402
 from models.merge import has_lora, merge_lora_state_dict  # noqa: E402
 from models.registry import model_config  # noqa: E402
 from models.vlmo import VLMo  # noqa: E402
+from modes import image_mim, text_mlm  # noqa: E402
 from util.checkpoint import extract_state_dict, load_file  # noqa: E402
 from util.errors import UserError, run_cli  # noqa: E402
 from util.merge_lora import lora_alpha_of, trained_heads  # noqa: E402
@@ -88,31 +90,11 @@ def feature_drift(before, after):
     return float(dist.mean()), float(dist.max())
 
 
-@torch.no_grad()
-def _weighted_eval(model, loader, mode, device, prepare=None):
-    """Metrics averaged per loss unit (masked token / masked patch) over the whole loader."""
-    from models.objectives import loss_units
-
-    sums, total = {}, 0.0
-    for batch in loader:
-        batch = batch[0] if isinstance(batch, tuple) else batch
-        batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
-        if prepare is not None:
-            prepare(batch)
-        out = model(batch, mode)
-        units = float(loss_units(batch, mode))
-        for k, v in out.items():
-            if k.startswith(("mlm_", "mim_")):
-                sums[k] = sums.get(k, 0.0) + float(v) * units
-        total += units
-    return {k: v / max(total, 1.0) for k, v in sums.items()}
-
-
 def mlm_metrics(probed, captions, batch_size, seed, device):
     """{"mlm_loss", "mlm_acc"} on `captions` (BERT masking keyed by `seed`, the checkpoint's tokenizer)."""
     dataset = CaptionDataset(captions, flag="--captions")
     loader = eval_loader(dataset, MLMCollator(probed.tokenizer, seed=seed), batch_size, 0, 1, 0, False)
-    return _weighted_eval(probed.model, loader, "text_mlm", device)
+    return evaluate(text_mlm.held_out_set(loader, len(dataset)), probed.model, device)
 
 
 def default_masking(grid, num=None, min_block=None):
@@ -127,14 +109,10 @@ def mim_metrics(probed, folder, batch_size, seed, device, dvae=None, num_mask=No
     """{"mim_loss"[, "mim_acc"]} on masked patches of `folder` (full-image views, masks keyed by seed)."""
     masking = default_masking(tuple(probed.model.grid_hw), num_mask, min_mask)
     transform = build_two_view_transform(probed.image_state, masking=masking, color_jitter=0.0, scale=(1.0, 1.0))
-    loader = eval_loader(ImageFolderDataset(folder, transform, seed=seed), collate_image_batch, batch_size, 0, 1, 0,
-                         False)
-
-    def add_targets(batch):
-        batch["mim_labels"] = dvae(batch["images_for_vae"])
-
-    prepare = add_targets if probed.config["mim_target"] == "dalle" else None
-    stats = _weighted_eval(probed.model, loader, "image_mim", device, prepare)
+    dataset = ImageFolderDataset(folder, transform, seed=seed)
+    loader = eval_loader(dataset, collate_image_batch, batch_size, 0, 1, 0, False)
+    targets = image_mim.MimTargets(dvae) if probed.config["mim_target"] == "dalle" else None
+    stats = evaluate(image_mim.held_out_set(loader, len(dataset), targets), probed.model, device)
     return {k: v for k, v in stats.items() if k in ("mim_loss", "mim_acc")}
 
 

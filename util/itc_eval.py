@@ -1,63 +1,45 @@
-"""Contrastive evaluation on every rank: image<->text retrieval R@1/5/10 on held-out pairs and zero-shot
-classification on an ImageNet-style folder. Each rank embeds its shard (ShardedEvalSampler), the rows are
-gathered back into item order, and every rank computes the same numbers, equal on any world size."""
+"""Contrastive evaluation sets (util.evaluation.EvalSet) for engine_pretrain.evaluate: image<->text
+retrieval R@1/5/10 on held-out pairs, and zero-shot classification of an ImageNet-style folder. Each rank
+embeds its shard; the rows come back in item order, so every rank computes the same numbers on any world
+size. Used by the image_text_itc mode and by util/eval_itc.py."""
 import torch
 
-from util import dist as du
+from util.evaluation import EvalSet
 from util.retrieval_metrics import retrieval_recall, zero_shot_accuracy, zero_shot_classifier
-from util.run_common import autocast_context
 
 
-@torch.no_grad()
-def embed_pairs(model, loader, device, autocast_dtype=None):
-    imgs, txts = [], []
-    for batch in loader:
-        with autocast_context(device, autocast_dtype):
-            imgs.append(model.encode_image(batch["images"].to(device)).float())
-            txts.append(model.encode_text(batch["text_ids"].to(device), batch["text_masks"].to(device)).float())
-    dim = model.itc_image_proj.out_features
-    empty = torch.zeros(0, dim, device=device)
-    img = du.gather_rows_in_index_order(torch.cat(imgs) if imgs else empty)
-    txt = du.gather_rows_in_index_order(torch.cat(txts) if txts else empty)
-    return img, txt
+def _embed_pair(model, batch, prepared=None):
+    return {"image_emb": model.encode_image(batch["images"]).float(),
+            "text_emb": model.encode_text(batch["text_ids"], batch["text_masks"]).float()}
 
 
-@torch.no_grad()
-def retrieval_metrics(model, loader, dataset, device, autocast_dtype=None):
-    """R@k both ways; pairs sharing an image (several captions) count as one image."""
-    was_training = model.training
-    model.eval()
-    img, txt = embed_pairs(model, loader, device, autocast_dtype)
-    image_index = torch.as_tensor(getattr(dataset, "image_index", range(len(dataset))), device=device).long()
-    unique, txt_to_img = torch.unique(image_index, return_inverse=True)
-    first = torch.full((unique.numel(),), -1, dtype=torch.long, device=device)
-    first.scatter_reduce_(0, txt_to_img, torch.arange(len(image_index), device=device), reduce="amin",
-                          include_self=False)
-    out = retrieval_recall(img[first] @ txt.T, txt_to_img)
-    model.train(was_training)
-    return out
+def retrieval_set(loader, image_index):
+    """R@k both ways over the pairs of `loader`; `image_index[i]`: the image of pair i (pairs sharing an
+    image, i.e. several captions of one image, count it once)."""
+    image_index = torch.as_tensor(list(image_index)).long()
+
+    def metrics(out):
+        unique, txt_to_img = torch.unique(image_index, return_inverse=True)
+        first = torch.full((unique.numel(),), -1, dtype=torch.long)
+        first.scatter_reduce_(0, txt_to_img, torch.arange(len(image_index)), reduce="amin", include_self=False)
+        return retrieval_recall(out["image_emb"][first] @ out["text_emb"].T, txt_to_img)
+
+    return EvalSet(loader=loader, num_items=len(image_index), predict=_embed_pair, metrics=metrics)
 
 
-class ZeroShot:
-    """Zero-shot classification of an image folder with prompts built from class names and templates."""
+def zero_shot_set(loader, num_items, classnames, templates, tokenizer):
+    """Top-1/top-5 accuracy (zeroshot_*) of classifying the images of `loader` (batches with "images" and
+    "targets") against prompts built from `classnames` and `templates`."""
+    def prepare(model):
+        device = next(model.parameters()).device
+        return zero_shot_classifier(model.encode_text, tokenizer, classnames, templates, device)
 
-    def __init__(self, loader, classnames, templates, tokenizer):
-        self.loader, self.classnames, self.templates, self.tokenizer = loader, classnames, templates, tokenizer
+    def predict(model, batch, weights):
+        return {"logits": model.encode_image(batch["images"]).float() @ weights.T.float(),
+                "targets": batch["targets"]}
 
-    @torch.no_grad()
-    def __call__(self, model, device, autocast_dtype=None):
-        was_training = model.training
-        model.eval()
-        with autocast_context(device, autocast_dtype):
-            weights = zero_shot_classifier(model.encode_text, self.tokenizer, self.classnames, self.templates, device)
-        logits, targets = [], []
-        for images, target in self.loader:
-            with autocast_context(device, autocast_dtype):
-                logits.append(model.encode_image(images["images"].to(device)).float() @ weights.T.float())
-            targets.append(target.to(device))
-        c = len(self.classnames)
-        logits = du.gather_rows_in_index_order(torch.cat(logits) if logits else torch.zeros(0, c, device=device))
-        targets = du.gather_rows_in_index_order(torch.cat(targets) if targets else
-                                                torch.zeros(0, dtype=torch.long, device=device))
-        model.train(was_training)
-        return {f"zeroshot_{k}": v for k, v in zero_shot_accuracy(logits, targets, ks=(1, min(5, c))).items()}
+    def metrics(out):
+        ks = (1, min(5, len(classnames)))
+        return {f"zeroshot_{k}": v for k, v in zero_shot_accuracy(out["logits"], out["targets"], ks=ks).items()}
+
+    return EvalSet(loader=loader, num_items=num_items, predict=predict, metrics=metrics, prepare=prepare)

@@ -1,6 +1,8 @@
 """Pieces every entry point and training loop share: precision setup, the trainable-parameter report, the
-optimizer step, and the `main()` wrapper that turns a UserError into one line and exit code 2."""
+optimizer step, run start, the training-checkpoint contents, restoring a resumed run's optimizer state, and
+the `main()` wrapper that turns a UserError into one line and exit code 2."""
 import sys
+from dataclasses import dataclass
 
 import torch
 
@@ -46,10 +48,10 @@ def optimizer_step(optimizer, scaler, trainable, clip_grad, need_grad_norm, post
 
 
 def batch_to_device(batch, device):
-    """The tensor entries of a collated batch on `device` (the user's (dict, targets) image format too);
-    host-side entries (raw text, bad-sample lists) stay behind, returned as `meta`."""
+    """The tensor entries of a collated batch on `device`; the user's (dict, targets) image format becomes
+    the dict with "targets". Host-side entries (raw text, bad-sample lists) stay behind, returned as `meta`."""
     if isinstance(batch, (tuple, list)):
-        batch = batch[0]
+        batch = {**batch[0], "targets": batch[1]}
     tensors = {k: v.to(device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
     meta = {k: v for k, v in batch.items() if not isinstance(v, torch.Tensor)}
     return tensors, meta
@@ -102,3 +104,39 @@ def load_full_state(model, state_dict, path, hint=""):
     except RuntimeError as e:
         raise UserError(f"--resume {path}: does not match this run's model{hint} "
                         f"({str(e).splitlines()[0]})") from None
+
+
+@dataclass(kw_only=True)
+class RunPosition:
+    """Where a run is: `epoch` (0-based, the one in progress), optimizer steps done in it, global step."""
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+
+
+def training_state(*, model_state, model_config, optimizer, scaler, position, mode, args, accum_iter, provided,
+                   data_state, extra=None):
+    """The contents of a training checkpoint (both entry points): weights, optimizer and scaler, the position
+    (`batches_consumed` per rank for the data), `args` as plain values, the weights a checkpoint provided
+    (LoRA targets), and `data_state` (tokenizer, image preprocessing) so the next stage is fed the same way.
+    `extra` adds entry-specific entries (task, EMA, best metric). RNG states are added by the Checkpointer."""
+    from util.config import plain_args
+
+    return {"model": model_state, "model_config": model_config, "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None, "epoch": position.epoch,
+            "step_in_epoch": position.step_in_epoch, "global_step": position.global_step, "mode": mode,
+            "batches_consumed": position.step_in_epoch * accum_iter, "args": plain_args(vars(args)),
+            "provided_keys": list(provided), **data_state, **(extra or {})}
+
+
+def restore_training_state(ckpt, optimizer, scaler, rank):
+    """Optimizer, scaler and this rank's RNG state from a training checkpoint; returns its RunPosition."""
+    from util.checkpoint import set_rng_state
+
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if scaler is not None and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    rngs = ckpt.get("rng") or []
+    if rngs:
+        set_rng_state(rngs[rank % len(rngs)])
+    return RunPosition(epoch=ckpt["epoch"], step_in_epoch=ckpt["step_in_epoch"], global_step=ckpt["global_step"])

@@ -1,0 +1,122 @@
+"""What every pretraining mode provides, and the model wrapper the training loop drives.
+
+A mode (one file in modes/) subclasses `PretrainMode` and is registered with `@register_mode`:
+- `name`, `towers` ("image", "text": the experts and embeddings its forward pass uses; the shared
+  attention stack always is) and `heads` (regexes of the head parameters it trains): its path through the
+  backbone, which models.trainable uses to decide what trains (and downstream tasks reuse by name).
+- `add_args(group)`: its flags (added to main_pretrain_cook's parser for every registered mode).
+- `model_overrides()`: registry overrides the mode needs (e.g. the dVAE vocabulary of the MIM head).
+- `setup(device)`: build what the mode needs beside the model (the dVAE tokenizer for image_mim).
+- `build_data(tokenizer, image_state, rank, world_size, grid)` -> PretrainData: its dataset, collator and
+  transforms.
+- `prepare_batch(batch)`: targets computed on the device before the forward (dVAE tokens), no grad.
+- `loss_units(batch)`: how many loss terms a batch holds (masked tokens, patches, rows), a 0-dim tensor;
+  `loss(backbone, batch)`: {"loss": the SUM of the terms (differentiable), named detached metrics}.
+- `eval_sets(data, tokenizer, image_state, rank, world_size)` -> [util.evaluation.EvalSet]: its evaluation.
+- `post_step(backbone)`: a callable run after every optimizer step, or None.
+- `accumulate`: how one optimizer step's micro-batches become gradients (None: the loop's default, which
+  normalises by the global loss-unit count; a contrastive mode may cache features instead).
+
+`PretrainModel(backbone, mode)` is what DDP wraps: its forward is the mode's loss, so DDP sees every
+gradient. Checkpoints hold `backbone.state_dict()` (the backbone's own key names, no wrapper prefix).
+"""
+from dataclasses import dataclass
+
+import torch.nn as nn
+
+from models.lora import add_self_regularization
+
+
+@dataclass
+class PretrainData:
+    train_loader: object
+    train_sampler: object        # set_epoch(epoch, start=<samples already consumed on this rank>)
+    val_loader: object
+    batches_per_epoch: int
+    num_train: int
+    num_val: int
+    val_dataset: object = None
+
+
+class PretrainMode:
+    name = None
+    towers = ()
+    heads = ()
+    accumulate = None
+    # Model kinds (config "kind", VLMo has none) the mode can train.
+    model_kinds = (None,)
+
+    def __init__(self, args):
+        self.args = args
+
+    @staticmethod
+    def add_args(group):
+        """The mode's flags (every registered mode's are on the parser; each mode reads its own)."""
+
+    def model_overrides(self):
+        return {}
+
+    def setup(self, device):
+        """Build what the mode needs beside the model, on `device`."""
+
+    def check_model(self, backbone):
+        kind = backbone.config.get("kind")
+        if kind not in self.model_kinds:
+            raise ValueError(f"the {kind or 'vlmo'} model does not train the {self.name!r} mode")
+
+    def build_data(self, tokenizer, image_state, rank, world_size, grid):
+        raise NotImplementedError
+
+    def prepare_batch(self, batch):
+        """Add device-side targets to a batch before its forward (default: none)."""
+
+    def loss_units(self, batch):
+        raise NotImplementedError
+
+    def loss(self, backbone, batch):
+        raise NotImplementedError
+
+    def eval_sets(self, data, tokenizer, image_state, rank, world_size):
+        return []
+
+    def post_step(self, backbone):
+        return None
+
+
+class PretrainModel(nn.Module):
+    """backbone + the mode that trains it; `forward(batch, loss_normalizer, reg_scale)` is the training loss.
+
+    loss_normalizer: denominator of the mode's summed loss (the global loss-unit count divided by the world
+    size, so DDP's gradient averaging yields the gradient of the global mean); default: the batch's own count.
+    reg_scale: multiplies the self-regularization term (1/accum_iter, so accumulation adds it once per step).
+    """
+
+    def __init__(self, backbone, mode):
+        super().__init__()
+        mode.check_model(backbone)
+        self.backbone = backbone
+        self.mode = mode  # not a module: holds no parameters (the dVAE stays outside the checkpoint)
+
+    @property
+    def accumulate(self):
+        return self.mode.accumulate
+
+    def prepare_batch(self, batch):
+        self.mode.prepare_batch(batch)
+
+    def loss_units(self, batch):
+        return self.mode.loss_units(batch)
+
+    def forward(self, batch, loss_normalizer=None, reg_scale=1.0):
+        out = self.mode.loss(self.backbone, batch)
+        if loss_normalizer is None:
+            loss_normalizer = self.mode.loss_units(batch).clamp(min=1).to(out["loss"].dtype)
+        out["loss"] = out["loss"] / loss_normalizer
+        return add_self_regularization(self.backbone, out, reg_scale)
+
+
+def pretrain_model(backbone, mode_name, args=None):
+    """PretrainModel of a registered mode by name (`args`: the mode's flags, when its loss reads any)."""
+    from modes import get_mode
+
+    return PretrainModel(backbone, get_mode(mode_name)(args))

@@ -1,0 +1,190 @@
+"""image_mim: BEiT masked image modelling on an ImageNet-style folder (`train/<class>/<img>`).
+
+Data: two views of one random crop per image (custom_datasets/image_dataset.py): 224 px bicubic,
+normalised, for the model, and 112 px lanczos in [0, 1] for the dVAE; BEiT's blockwise mask on the patch
+grid (`bool_masked_pos` [B, N]); every draw keyed by (seed, epoch, sample index).
+Targets: `--mim_target dalle`: the DALL-E dVAE token of each patch, argmax of the frozen tokenizer's logits
+on the 112 px view (map_pixels inside models/dvae.py), float32, no grad, computed on the device before the
+forward; the tokenizer is never part of the checkpoint. `pixel`: per-patch normalised pixels (MAE's
+norm_pix), no tokenizer weights needed.
+Path: the shared attention stack, the patch embedding, CLS and relative position tables, the image experts,
+`mask_token` (replaces the masked patch embeddings) and the MIM head (on masked positions only).
+Loss: cross-entropy (or squared error) summed over masked patches, divided by the global masked count.
+Evaluation: mim_loss and mim_acc per masked patch, masked patches and target diversity per image.
+"""
+import torch
+import torch.nn.functional as F
+
+from custom_datasets.image_dataset import ImageFolderDataset, build_two_view_transform, collate_image_batch
+from custom_datasets.loaders import batches_per_epoch, eval_loader, train_loader
+from custom_datasets.masking_generator import MaskingGenerator
+from models.vlmo import MIM_TARGETS
+from modes import register_mode
+from modes.base import PretrainData, PretrainMode
+from util.evaluation import EvalSet
+from util.logger import LOG
+from util.run_setup import dvae_file
+
+DEFAULT_DVAE = "checkpoints/dall_e_tokenizer_weight/encoder.pkl"
+
+
+def patchify(images, patch_size):
+    """[B, 3, H, W] -> [B, N, p*p*3] in the patch order of the patch embedding."""
+    b, c, h, w = images.shape
+    x = images.reshape(b, c, h // patch_size, patch_size, w // patch_size, patch_size)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(b, (h // patch_size) * (w // patch_size), patch_size ** 2 * c)
+
+
+def target_statistics(labels, vocab_size):
+    """Distinct dVAE tokens in `labels` [..., N] (per leading row) and the entropy (nats) of their
+    distribution. A wrong map_pixels or normalisation feeding the dVAE collapses both. Fixed-size scatter:
+    no host sync."""
+    flat = labels.reshape(-1, labels.shape[-1])
+    counts = torch.zeros(flat.shape[0], vocab_size, device=flat.device).scatter_add_(
+        1, flat, torch.ones_like(flat, dtype=torch.float))
+    p = counts / counts.sum(1, keepdim=True)
+    return (counts > 0).sum(1).float(), -(p * p.clamp(min=1e-12).log()).sum(1)
+
+
+def masked_terms(backbone, batch):
+    """(per-masked-patch loss [M], correct [M] or None, image index [M]) of the batch's masked patches."""
+    mask = batch["bool_masked_pos"].bool()
+    feats = backbone.norm(backbone.forward_image_features(batch["images"], mask))[:, 1:]
+    pred = backbone.mim_head(feats[mask]).float()
+    if backbone.config["mim_target"] == "dalle":
+        targets = batch["mim_labels"][mask]
+        terms, correct = F.cross_entropy(pred, targets, reduction="none"), pred.argmax(-1) == targets
+    else:
+        patches = patchify(batch["images"].float(), backbone.patch_size)[mask]
+        mean, var = patches.mean(-1, keepdim=True), patches.var(-1, keepdim=True)
+        terms, correct = (pred - (patches - mean) / (var + 1e-6).sqrt()).pow(2).mean(-1), None
+    return terms, correct, mask
+
+
+def predict_per_image(backbone, batch, prepared=None):
+    terms, correct, mask = masked_terms(backbone, batch)
+    row = mask.nonzero()[:, 0]
+    zeros = torch.zeros(mask.shape[0], device=terms.device)
+    out = {"loss_sum": zeros.index_add(0, row, terms), "units": mask.sum(1).float()}
+    if correct is not None:
+        out["correct"] = zeros.index_add(0, row, correct.float())
+        out["target_distinct"], out["target_entropy"] = target_statistics(batch["mim_labels"],
+                                                                          backbone.mim_head.out_features)
+    return out
+
+
+def per_patch_metrics(outputs):
+    units = max(float(outputs["units"].sum()), 1.0)
+    stats = {"masked_per_image": float(outputs["units"].mean()), "mim_loss": float(outputs["loss_sum"].sum()) / units}
+    if "correct" in outputs:
+        stats["mim_acc"] = float(outputs["correct"].sum()) / units
+        stats["target_distinct"] = float(outputs["target_distinct"].mean())
+        stats["target_entropy"] = float(outputs["target_entropy"].mean())
+    return stats
+
+
+class MimTargets:
+    """Adds `mim_labels` [B, N] (dVAE token ids of the 112 px view) to a batch, in float32, no grad."""
+
+    def __init__(self, dvae):
+        self.dvae = dvae
+
+    def __call__(self, batch):
+        batch["mim_labels"] = self.dvae(batch["images_for_vae"])
+
+
+def held_out_set(loader, num_items, targets=None):
+    """The image_mim evaluation of a loader of two-view batches (also used by util/forgetting_probe.py);
+    `targets`: a MimTargets for dVAE targets."""
+    def predict(backbone, batch, prepared):
+        if targets is not None:
+            targets(batch)
+        return predict_per_image(backbone, batch)
+    return EvalSet(loader=loader, num_items=num_items, predict=predict, metrics=per_patch_metrics)
+
+
+@register_mode
+class ImageMIM(PretrainMode):
+    name = "image_mim"
+    towers = ("image",)
+    heads = (r"mask_token$", r"mim_head\.")
+
+    def __init__(self, args):
+        super().__init__(args)
+        self.targets = None
+
+    @staticmethod
+    def add_args(group):
+        group.add_argument("--mim_target", default="dalle", choices=MIM_TARGETS,
+                           help="image_mim: dalle = dVAE tokens of the masked patches; pixel = normalised-pixel "
+                                "regression")
+        group.add_argument("--dvae_path", default=DEFAULT_DVAE,
+                           help="DALL-E encoder.pkl or its safetensors conversion (util/convert_dvae.py); an "
+                                "encoder.safetensors beside the .pkl is preferred")
+        group.add_argument("--num_mask_patches", type=int, default=75, help="image_mim: masked patches per image")
+        group.add_argument("--min_mask_patches", type=int, default=16, help="image_mim: smallest masked block")
+        group.add_argument("--max_mask_aspect", type=float, default=1 / 0.3, help="image_mim: block aspect bound")
+        group.add_argument("--color_jitter", type=float, default=0.4, help="image_mim: colour jitter strength")
+
+    def setup(self, device):
+        if self.args.mim_target != "dalle":
+            return
+        from models.dvae import DVAETokenizer
+
+        path = dvae_file(self.args.dvae_path)
+        dvae = DVAETokenizer.from_path(path).to(device)
+        LOG.info(f"dVAE tokenizer: {path} ({dvae.vocab_size} visual tokens); kept outside the model checkpoint")
+        self.targets = MimTargets(dvae)
+
+    def model_overrides(self):
+        out = {"mim_target": self.args.mim_target}
+        if self.targets is not None:
+            out["mim_vocab_size"] = self.targets.dvae.vocab_size
+        return out
+
+    def masking(self, grid):
+        a = self.args
+        return MaskingGenerator(grid, num_masking_patches=a.num_mask_patches, min_num_patches=a.min_mask_patches,
+                                min_aspect=1 / a.max_mask_aspect, max_aspect=a.max_mask_aspect)
+
+    def build_data(self, tokenizer, image_state, rank, world_size, grid):
+        a = self.args
+        masking = self.masking(grid)
+        transform = build_two_view_transform(image_state, masking=masking, color_jitter=a.color_jitter)
+        train_set = ImageFolderDataset(a.data_path, transform, seed=a.seed)
+        loader, sampler = train_loader(train_set, collate_image_batch, a.batch_size, rank, world_size, a.seed,
+                                       a.num_workers, a.pin_mem, "--data_path")
+        val, val_set = None, None
+        if a.val_data_path:
+            # Held-out views: no colour jitter, full-image crop, masks keyed by a fixed epoch.
+            val_tf = build_two_view_transform(image_state, masking=masking, color_jitter=0.0, scale=(1.0, 1.0))
+            val_set = ImageFolderDataset(a.val_data_path, val_tf, seed=a.seed + 1)
+            val = eval_loader(val_set, collate_image_batch, a.batch_size, rank, world_size,
+                              min(a.num_workers, 2), a.pin_mem)
+        return PretrainData(loader, sampler, val, batches_per_epoch(sampler, a.batch_size), len(train_set),
+                            len(val_set) if val_set is not None else 0, val_set)
+
+    def prepare_batch(self, batch):
+        if self.targets is not None:
+            self.targets(batch)
+
+    def loss_units(self, batch):
+        return batch["bool_masked_pos"].sum()
+
+    def loss(self, backbone, batch):
+        terms, correct, mask = masked_terms(backbone, batch)
+        total = terms.sum()
+        with torch.no_grad():
+            denom = mask.sum().clamp(min=1)
+            metrics = {"mim_loss": total.detach() / denom, "masked_per_image": mask.sum().float() / mask.shape[0]}
+            if correct is not None:
+                distinct, entropy = target_statistics(batch["mim_labels"].reshape(1, -1),
+                                                      backbone.mim_head.out_features)
+                metrics.update(mim_acc=correct.sum().float() / denom, target_distinct=distinct[0],
+                               target_entropy=entropy[0])
+        return {"loss": total, **metrics}
+
+    def eval_sets(self, data, tokenizer, image_state, rank, world_size):
+        if data.val_loader is None:
+            return []
+        return [held_out_set(data.val_loader, data.num_val, self.targets)]
