@@ -22,7 +22,7 @@ from util.logger import LOG, MetricWindow, format_duration, peak_memory_gb
 from util.lr_sched import lr_at_step, set_lr
 from util.run_common import autocast_context, batch_to_device, optimizer_step
 
-__all__ = ["NonFiniteLoss", "RunConfig", "Trainer", "accumulate_gradients", "evaluate", "train_one_epoch"]
+__all__ = ["NonFiniteLoss", "RunConfig", "Trainer", "run_config", "accumulate_gradients", "evaluate", "train_one_epoch"]
 
 
 @dataclass(kw_only=True)
@@ -42,6 +42,14 @@ class RunConfig:
     @property
     def total_steps(self):
         return self.epochs * self.steps_per_epoch
+
+
+def run_config(args, device, steps_per_epoch, autocast_dtype):
+    """The RunConfig of an entry point's resolved args (both entry points share these flags)."""
+    return RunConfig(device=device, steps_per_epoch=steps_per_epoch, epochs=args.epochs,
+                     samples_per_step=args.effective_batch_size, lr=args.lr, min_lr=args.min_lr,
+                     warmup_steps=int(args.warmup_epochs * steps_per_epoch), accum_iter=args.accum_iter,
+                     clip_grad=args.clip_grad, autocast_dtype=autocast_dtype, log_freq=args.log_freq)
 
 
 @dataclass(kw_only=True)

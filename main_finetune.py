@@ -11,10 +11,9 @@ import sys
 import time
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
 from custom_datasets.finetune_data import resolve_image_preprocess, resolve_tokenizer
-from engine_pretrain import RunConfig, Trainer, evaluate, train_one_epoch
+from engine_pretrain import RunConfig, Trainer, evaluate, run_config, train_one_epoch
 from models.loading import check_architecture
 from models.registry import backbone_names, create_model, model_config
 from models.vlmo import ITC_LOSSES
@@ -31,7 +30,7 @@ from util.layer_decay import layer_decay_scale
 from util.logger import LOG, RunLog
 from util.optim_factory import build_adamw
 from util.resume import ResumePlan, plan_resume
-from util.run_common import (RunPosition, autocast_setup, entry_point, load_full_state, log_trainable,
+from util.run_common import (RunPosition, wrap_ddp, autocast_setup, entry_point, load_full_state, log_trainable,
                              resolve_batch_and_lr, restore_training_state, start_run, training_state)
 
 DEFAULT_TOKENIZER = "checkpoints/tokenizer/"
@@ -254,12 +253,8 @@ def run(args, argv):
         if ema is not None and ckpt.get("model_ema") is not None:
             ema.load_state_dict(ckpt["model_ema"])
         best = {"value": ckpt.get("best_metric"), "epoch": ckpt.get("best_epoch")}
-    ddp = DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None) \
-        if env.distributed else model
-    cfg = RunConfig(device=env.device, steps_per_epoch=steps_per_epoch, epochs=args.epochs,
-                    samples_per_step=args.effective_batch_size, lr=args.lr, min_lr=args.min_lr,
-                    warmup_steps=int(args.warmup_epochs * steps_per_epoch), accum_iter=args.accum_iter,
-                    clip_grad=args.clip_grad, autocast_dtype=autocast_dtype, log_freq=args.log_freq)
+    ddp = wrap_ddp(model, env)
+    cfg = run_config(args, env.device, steps_per_epoch, autocast_dtype)
     if env.is_main:
         write_args_json(os.path.join(args.output_dir, "args.json"), args, argv, env.world_size,
                         {"model_config": model.backbone.config, "start": start.kind, "started_from": start.path,

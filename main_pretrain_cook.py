@@ -7,12 +7,11 @@ import sys
 import time
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
 from custom_datasets.hf_tokenizer import HFTokenizer, tokenizer_from_any_state
 from custom_datasets.image_dataset import IMAGE_NORMS, inherit_image_state
 from custom_datasets.tokenizer import load_tokenizer
-from engine_pretrain import RunConfig, Trainer, evaluate, train_one_epoch
+from engine_pretrain import Trainer, evaluate, run_config, train_one_epoch
 from models.loading import load_weights, model_for_resume
 from models.registry import DUAL_ENCODER, check_overrides, create_model, model_config, model_names, model_options
 from models.trainable import configure_trainable
@@ -25,7 +24,7 @@ from util.errors import NonFiniteLoss, UserError
 from util.logger import LOG, RunLog
 from util.optim_factory import build_adamw
 from util.resume import plan_resume
-from util.run_common import (RunPosition, autocast_setup, entry_point, load_full_state, log_trainable,
+from util.run_common import (RunPosition, wrap_ddp, autocast_setup, entry_point, load_full_state, log_trainable,
                              resolve_batch_and_lr, restore_training_state, start_run, training_state)
 
 DEFAULT_TOKENIZER = "checkpoints/tokenizer/"
@@ -130,6 +129,11 @@ def parse_args(argv=None):
         raise UserError("--lora_rank must be >= 0")
     if args.lock_image and args.lock_text:
         raise UserError("--lock_image and --lock_text together leave nothing to train")
+    locked = "image" if args.lock_image else "text" if args.lock_text else None
+    if args.save_merged_lora_model and args.lora_rank > 0 and locked and args.model != DUAL_ENCODER:
+        raise UserError(f"--save_merged_lora_model: with --lock_{locked} the LoRA adapters on the shared attention "
+                        f"act on the other modality only; merged they would change the locked {locked} tower. "
+                        "Drop the flag and use checkpoint-latest.pth with its adapters")
     args.log_dir = args.log_dir or args.output_dir
     return args
 
@@ -234,12 +238,8 @@ def run(args, argv):
     optimizer = build_adamw(backbone, args.lr, args.weight_decay, tuple(args.opt_betas))
     autocast_dtype, scaler = autocast_setup(args.precision, env.device)
     pos = restore_training_state(plan.ckpt, optimizer, scaler, env.rank) if plan.kind == "train" else RunPosition()
-    ddp = DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None) \
-        if env.distributed else model
-    cfg = RunConfig(device=env.device, steps_per_epoch=steps_per_epoch, epochs=args.epochs,
-                    samples_per_step=args.effective_batch_size, lr=args.lr, min_lr=args.min_lr,
-                    warmup_steps=int(args.warmup_epochs * steps_per_epoch), accum_iter=args.accum_iter,
-                    clip_grad=args.clip_grad, autocast_dtype=autocast_dtype, log_freq=args.log_freq)
+    ddp = wrap_ddp(model, env)
+    cfg = run_config(args, env.device, steps_per_epoch, autocast_dtype)
     if env.is_main:
         write_args_json(os.path.join(args.output_dir, "args.json"), args, argv, env.world_size,
                         {"model_config": backbone.config, "resumed_from": plan.path, "resume_kind": plan.kind,

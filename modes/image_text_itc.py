@@ -10,6 +10,15 @@ on the other modality only.
 Loss (models/contrastive.py): features gathered across ranks with gradients, each rank the loss of its
 own rows; summed over rows here and divided by the global row count, so N ranks equal one process on the
 global batch. The CLIP temperature is clamped to [0, ln 100] after every optimizer step.
+Accumulation (`--accum_iter k`) is exact: a contrastive loss does not split over micro-batches (every row's
+negatives are the whole effective batch), so `accumulate_exactly` first embeds every micro-batch without a
+graph, computes the loss of the whole effective batch on those cached features (gathered across ranks)
+and its gradient with respect to each cached feature, then recomputes each micro-batch with a graph,
+replaying its RNG state (drop path, dropout), and backpropagates that feature gradient through it, under
+DDP `no_sync` except the last. The chain rule makes the sum of these backward passes the gradient of the
+whole-batch loss; parameters only the loss uses (temperature, SigLIP bias) get their gradient once, in the
+last micro-batch (open_clip's `--accum-freq` recomputes the full loss per micro-batch and so adds it k
+times). Memory grows with the micro-batch (one graph at a time) plus the cached [k*B*W, D] features.
 Evaluation: retrieval R@1/5/10 both ways on `--val_data_path` pairs, zero-shot top-1/5 on
 `--zeroshot_data_path` (util/itc_eval.py).
 """
@@ -23,13 +32,19 @@ from custom_datasets.image_dataset import (ImageFolderDataset, build_eval_transf
 from custom_datasets.loaders import batches_per_epoch, eval_loader, train_loader
 from custom_datasets.pair_collator import PairCollator
 from custom_datasets.pair_dataset import build_pair_dataset, is_shard_path
-from models.contrastive import clamp_logit_scale_, contrastive_loss
+from models.contrastive import clamp_logit_scale_, clip_loss, siglip_loss
 from models.vlmo import ITC_LOSSES
 from modes import register_mode
 from modes.base import PretrainData, PretrainMode
 from util.itc_eval import retrieval_set, zero_shot_set
 from util.logger import LOG
 from util.retrieval_metrics import read_classnames, read_templates
+from util.run_common import autocast_context
+
+# Batch entries the exact accumulation adds for a micro-batch's recompute (see accumulate_exactly).
+GRAD_KEYS = ("itc_grad_image", "itc_grad_text")
+CACHE_KEYS = ("itc_cached_image", "itc_cached_text")
+
 
 class ImageView:
     """transform(pil, rng) -> normalised tensor: one random resized crop (+ flip) for contrastive training."""
@@ -101,9 +116,15 @@ class ImageTextITC(PretrainMode):
     def loss_units(self, batch):
         return torch.tensor(batch["images"].shape[0], device=batch["images"].device)
 
+    @property
+    def accumulate(self):
+        return accumulate_exactly if self.args is not None and self.args.accum_iter > 1 else None
+
     def loss(self, backbone, batch):
+        if GRAD_KEYS[0] in batch:
+            return feature_gradient_surrogate(backbone, batch)
         img, txt = encode_pair(backbone, batch)
-        out = contrastive_loss(backbone, img, txt)
+        out = contrastive(backbone, img, txt)
         rows = self.loss_units(batch)
         total = out.pop("loss") * rows  # per-row mean -> sum over this rank's rows
         metrics = {k: v.detach() for k, v in out.items()}
@@ -146,4 +167,81 @@ def encode_pair(backbone, batch):
     with torch.no_grad() if "text" in backbone.locked_towers else contextlib.nullcontext():
         txt = backbone.encode_text(batch["text_ids"], batch["text_masks"])
     return img, txt
+
+
+def contrastive(backbone, img, txt, live_params=True):
+    """The loss the model's config names (clip or siglip) of this rank's rows; with live_params False the
+    temperature and bias are constants (no gradient reaches them)."""
+    scale = backbone.logit_scale if live_params else backbone.logit_scale.detach()
+    if backbone.config["itc_loss"] == "clip":
+        return clip_loss(img, txt, scale)
+    return siglip_loss(img, txt, scale, backbone.logit_bias if live_params else backbone.logit_bias.detach())
+
+
+def feature_gradient_surrogate(backbone, batch):
+    """A micro-batch's recompute: sum(g * f) over its live features f and their cached whole-batch loss
+    gradients g, whose parameter gradient is this micro-batch's share of the whole-batch gradient; with the
+    cached features (the last micro-batch only) plus the loss on them with live temperature and bias,
+    which adds their gradient once."""
+    img, txt = encode_pair(backbone, batch)
+    total = (img.float() * batch[GRAD_KEYS[0]]).sum() + (txt.float() * batch[GRAD_KEYS[1]]).sum()
+    if CACHE_KEYS[0] in batch:
+        total = total + contrastive(backbone, batch[CACHE_KEYS[0]], batch[CACHE_KEYS[1]])["loss"]
+    return {"loss": total}
+
+
+def _rng_snapshot(device):
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def _rng_restore(state, device):
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def accumulate_exactly(trainer, batches, nonfinite):
+    """The loop's micro-batch step for a contrastive loss (engine_pretrain.accumulate_gradients' contract):
+    one optimizer step's gradient of the loss over all k micro-batches of all ranks at once."""
+    model, raw, cfg, scaler = trainer.model, trainer.raw_model, trainer.cfg, trainer.scaler
+    backbone, device = raw.backbone, cfg.device
+    states, imgs, txts = [], [], []
+    with torch.no_grad(), autocast_context(device, cfg.autocast_dtype):
+        for b in batches:
+            states.append(_rng_snapshot(device))
+            img, txt = encode_pair(backbone, b)
+            imgs.append(img.float())
+            txts.append(txt.float())
+    after = _rng_snapshot(device)
+    # The whole-batch loss on the cached features: this rank's k*B rows against every rank's, as if each
+    # rank held one batch of k*B (rows are per-row means, so DDP's average is the global mean).
+    cached_img = torch.cat(imgs).requires_grad_(True)
+    cached_txt = torch.cat(txts).requires_grad_(True)
+    out = contrastive(backbone, cached_img, cached_txt, live_params=False)
+    out["loss"].backward()  # all ranks: the gather's backward sums every rank's share into each own row
+    nonfinite |= ~torch.isfinite(out["loss"].detach())
+    grads_img = cached_img.grad.split([x.shape[0] for x in imgs])
+    grads_txt = cached_txt.grad.split([x.shape[0] for x in txts])
+    frozen = {"image": cached_img.detach(), "text": cached_txt.detach()}
+    for i, b in enumerate(batches):
+        last = i == len(batches) - 1
+        b = dict(b, itc_grad_image=grads_img[i], itc_grad_text=grads_txt[i])
+        if last:
+            b.update(itc_cached_image=frozen["image"], itc_cached_text=frozen["text"])
+        _rng_restore(states[i], device)
+        sync = last or not hasattr(model, "no_sync")
+        with contextlib.nullcontext() if sync else model.no_sync(), autocast_context(device, cfg.autocast_dtype):
+            surrogate = model(b, loss_normalizer=1.0, reg_scale=1.0 / len(batches))
+        loss = surrogate.pop("loss")
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+    _rng_restore(after, device)
+    metrics = {k: v.detach() for k, v in out.items() if k != "loss"}
+    metrics["loss"] = metrics["itc_loss"] = out["loss"].detach()
+    if "reg_loss" in surrogate:  # the term is added 1/k per micro-batch: once per step in all
+        metrics["reg_loss"] = surrogate["reg_loss"]
+        metrics["loss"] = metrics["loss"] + surrogate["reg_loss"]
+    if "duplicate_caption_fraction" in batches[0]:
+        metrics["duplicate_captions"] = torch.stack([b["duplicate_caption_fraction"].float()
+                                                     for b in batches]).mean()
+    return metrics
 

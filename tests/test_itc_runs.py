@@ -100,3 +100,29 @@ def test_dual_encoder_of_a_timm_vit_trains_through_the_same_mode(demo_data, tmp_
     ckpt = load_ckpt(os.path.join(out, "checkpoint-latest.pth"))
     assert ckpt["model_config"]["image"]["name"] == "vit_tiny_patch16_224"
     assert read_jsonl(os.path.join(out, "log.jsonl"), "val")[-1]["zeroshot_top1"] >= 0
+
+
+def test_lit_with_lora_is_evaluated_as_trained_and_never_merged(demo_data, weights, tmp_path):
+    """LiT + LoRA on the multiway model: the adapters on the shared attention serve text tokens only, so the
+    standalone evaluation (which loads them where they were) reports the in-training numbers, and merging
+    them, which would change the locked image tower, is refused with one line."""
+    out = str(tmp_path / "lit_lora")
+    run_entry("main_pretrain_cook.py", _args(demo_data, out, "clip", ["--lock_image", "--resume", weights,
+                                                                      "--lora_rank", "2", "--lr", "5e-3"]))
+    val = read_jsonl(os.path.join(out, "log.jsonl"), "val")[-1]
+    ckpt = os.path.join(out, "checkpoint-latest.pth")
+    dst = str(tmp_path / "eval.json")
+    run_entry("util/eval_itc.py", ["--checkpoint", ckpt, "--val_data_path", str(demo_data["pairs_val"]),
+                                   "--zeroshot_data_path", str(demo_data["images_val"]), "--num_workers", "0",
+                                   "--out", dst])
+    got = json.load(open(dst))
+    for key in ("i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5", "zeroshot_top1"):
+        assert got[key] == pytest.approx(val[key], abs=1e-9), key
+    proc = run_entry("util/merge_lora.py", ["--src", ckpt], check=False)
+    assert proc.returncode == 2 and not os.path.exists(ckpt.replace(".pth", "_merged.pth"))
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--lock_image" in lines[0] and "unmerged" not in lines[0]
+    proc = run_entry("main_pretrain_cook.py", _args(demo_data, str(tmp_path / "refused"), "clip", [
+        "--lock_image", "--resume", weights, "--lora_rank", "2", "--save_merged_lora_model"]), check=False)
+    assert proc.returncode == 2 and "--save_merged_lora_model" in proc.stderr.strip().splitlines()[-1]
+    assert not os.path.exists(tmp_path / "refused")

@@ -19,6 +19,7 @@ from custom_datasets.hf_tokenizer import tokenizer_from_any_state  # noqa: E402
 from custom_datasets.tokenizer import load_tokenizer  # noqa: E402
 from engine_pretrain import evaluate  # noqa: E402
 from models.registry import model_from_config  # noqa: E402
+from models.trainable import configure_trainable  # noqa: E402
 from modes.image_text_itc import build_zero_shot  # noqa: E402
 from util import dist as du  # noqa: E402
 from util.checkpoint import extract_state_dict, load_file  # noqa: E402
@@ -53,10 +54,14 @@ def load_model(path, device):
     if sd is None or not config:
         raise UserError(f"--checkpoint {path}: no model weights with a model_config (a pretraining checkpoint "
                         "or merged weights file is expected)")
-    if any(".lora_" in k for k in sd):
-        from models.merge import merge_lora_state_dict
-        sd = merge_lora_state_dict(sd, ckpt.get("args", {}).get("lora_alpha", 1.0))
     model = model_from_config(config)
+    if any(".lora_" in k for k in sd):
+        # The network as trained: adapters where they were, on the modalities they served (a locked tower
+        # of the multiway model shares the attention but not its adapters), never merged.
+        a = ckpt.get("args", {})
+        configure_trainable(model, ckpt.get("mode") or "image_text_itc", int(a.get("lora_rank", 0)),
+                            float(a.get("lora_alpha", 1.0)), ckpt.get("provided_keys", []),
+                            bool(a.get("lock_image")), bool(a.get("lock_text")))
     model.load_state_dict(sd)
     return model.to(device).eval(), ckpt
 

@@ -69,6 +69,7 @@ def merged_checkpoint(ckpt, source="", lora_alpha=None):
     if not has_lora(sd):
         raise UserError(f"{where}holds no LoRA adapters (no lora_A/lora_B tensors): nothing to merge; use it "
                         "with --resume as it is")
+    refuse_partial_merge(ckpt, where)
     alpha = lora_alpha_of(ckpt) if lora_alpha is None else float(lora_alpha)
     ranks = sorted(set(lora_ranks(sd).values()))
     try:
@@ -82,6 +83,27 @@ def merged_checkpoint(ckpt, source="", lora_alpha=None):
     report = {"layers": lora_layers_in(sd), "rank": rank, "alpha": alpha,
               "scale": alpha / ranks[0] if len(ranks) == 1 else None}
     return out, report
+
+
+def locked_tower_of(args, model_config):
+    """The tower a LoRA run locked while its adapters sat on layers that tower shares (the multiway
+    model's attention), or None. Such adapters served the other modality only; a dual encoder's towers share
+    nothing, so its adapters merge exactly."""
+    from models.dual_encoder import is_dual_encoder_config
+
+    if is_dual_encoder_config(model_config) or not int((args or {}).get("lora_rank") or 0):
+        return None
+    return next((t for t in ("image", "text") if (args or {}).get(f"lock_{t}")), None)
+
+
+def refuse_partial_merge(ckpt, where=""):
+    locked = locked_tower_of(ckpt.get("args"), ckpt.get("model_config"))
+    if locked:
+        other = "text" if locked == "image" else "image"
+        raise UserError(f"{where}its LoRA adapters were trained with --lock_{locked} on attention layers that "
+                        f"{locked} tokens share, so they act on {other} tokens only; merged into the weights they "
+                        f"would change the locked {locked} tower. Use the checkpoint as it is: --resume and "
+                        "util/eval_itc.py load it with its adapters")
 
 
 def write_merged(ckpt, dst, source="", lora_alpha=None):

@@ -140,3 +140,13 @@ def restore_training_state(ckpt, optimizer, scaler, rank):
     if rngs:
         set_rng_state(rngs[rank % len(rngs)])
     return RunPosition(epoch=ckpt["epoch"], step_in_epoch=ckpt["step_in_epoch"], global_step=ckpt["global_step"])
+
+
+def wrap_ddp(model, env):
+    """DDP around `model` for a distributed run (the model itself otherwise). Parameters off the run's path
+    are frozen before this, so DDP needs no find_unused_parameters."""
+    if not env.distributed:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
