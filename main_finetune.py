@@ -13,7 +13,7 @@ import time
 import torch
 
 from custom_datasets.finetune_data import resolve_image_preprocess, resolve_tokenizer
-from engine_pretrain import RunConfig, Trainer, evaluate, run_config, train_one_epoch
+from engine_pretrain import Trainer, evaluate, run_config, train_one_epoch
 from models.loading import check_architecture
 from models.registry import backbone_names, create_model, model_config
 from models.vlmo import ITC_LOSSES
@@ -289,7 +289,7 @@ def run(args, argv):
             data.train_sampler.set_epoch(epoch, start=start_step * args.accum_iter * args.batch_size)
             global_step = train_one_epoch(trainer, data.train_loader, epoch, start_step, global_step)
             start_step = 0
-            stats = evaluate_all(model, ema, data, cfg)
+            stats = evaluate_all(model, ema, data, cfg.device, cfg.autocast_dtype)
             LOG.info(f"evaluation after epoch {epoch + 1} ({data.num_val} items): " + _fmt(stats))
             trainer.run_log.write({"epoch": epoch + 1, **stats}, global_step, prefix="val")
             if not all(_finite(v) for v in stats.values()):
@@ -328,12 +328,13 @@ def task_eval_set(model, data):
                    metrics=metrics)
 
 
-def evaluate_all(model, ema, data, cfg):
+def evaluate_all(model, ema, data, device, autocast_dtype):
     """The model's metrics, plus the EMA weights' as ema_<name>."""
     eval_set = task_eval_set(model, data)
-    stats = evaluate(eval_set, model, cfg.device, cfg.autocast_dtype)
+    stats = evaluate(eval_set, model, device, autocast_dtype)
     if ema is not None:
-        stats.update({f"ema_{k}": v for k, v in evaluate(eval_set, ema.module, cfg.device, cfg.autocast_dtype).items() if k != "n_items"})
+        ema_stats = evaluate(eval_set, ema.module, device, autocast_dtype)
+        stats.update({f"ema_{k}": v for k, v in ema_stats.items() if k != "n_items"})
     return stats
 
 
@@ -343,12 +344,10 @@ def run_eval(args, env, model, data, start, autocast_dtype, argv):
     if start.kind == "train" and ckpt.get("model_ema") is not None:
         ema = WeightEma(model, 0.0)
         ema.load_state_dict(ckpt["model_ema"])
-    cfg = RunConfig(device=env.device, steps_per_epoch=0, epochs=0, samples_per_step=args.effective_batch_size,
-                    lr=0.0, min_lr=0.0, warmup_steps=0, autocast_dtype=autocast_dtype)
     if env.is_main:
         write_args_json(os.path.join(args.output_dir, "args_eval.json"), args, argv, env.world_size,
                         {"evaluated": start.path, "start": start.kind, "task_state": model.task.state})
-    stats = evaluate_all(model, ema, data, cfg)
+    stats = evaluate_all(model, ema, data, env.device, autocast_dtype)
     LOG.info(f"evaluation of {start.path} ({data.num_val} items): " + _fmt(stats))
     run_log = RunLog(args.output_dir, None, env.is_main)
     run_log.write({"checkpoint": start.path, "checkpoint_epoch": ckpt.get("epoch"), **stats},

@@ -110,8 +110,11 @@ def clamp_logit_scale_(param: torch.Tensor, max: float = math.log(100)) -> torch
     return param.clamp_(0.0, max)
 
 
-def contrastive_loss(model, img, txt):
-    """The loss a model's config names (`itc_loss`: clip or siglip) with its temperature (and bias)."""
+def contrastive_loss(model, img, txt, live_params=True):
+    """The loss a model's config names (`itc_loss`: clip or siglip) with its temperature (and bias); with
+    live_params False they enter as constants (no gradient reaches them: exact accumulation's cache pass)."""
+    def param(p):
+        return p if live_params else p.detach()
     if model.config["itc_loss"] == "clip":
-        return clip_loss(img, txt, model.logit_scale)
-    return siglip_loss(img, txt, model.logit_scale, model.logit_bias)
+        return clip_loss(img, txt, param(model.logit_scale))
+    return siglip_loss(img, txt, param(model.logit_scale), param(model.logit_bias))

@@ -32,7 +32,7 @@ from custom_datasets.image_dataset import (ImageFolderDataset, build_eval_transf
 from custom_datasets.loaders import batches_per_epoch, eval_loader, train_loader
 from custom_datasets.pair_collator import PairCollator
 from custom_datasets.pair_dataset import build_pair_dataset, is_shard_path
-from models.contrastive import clamp_logit_scale_, clip_loss, siglip_loss
+from models.contrastive import clamp_logit_scale_, contrastive_loss
 from models.vlmo import ITC_LOSSES
 from modes import register_mode
 from modes.base import PretrainData, PretrainMode
@@ -124,7 +124,7 @@ class ImageTextITC(PretrainMode):
         if GRAD_KEYS[0] in batch:
             return feature_gradient_surrogate(backbone, batch)
         img, txt = encode_pair(backbone, batch)
-        out = contrastive(backbone, img, txt)
+        out = contrastive_loss(backbone, img, txt)
         rows = self.loss_units(batch)
         total = out.pop("loss") * rows  # per-row mean -> sum over this rank's rows
         metrics = {k: v.detach() for k, v in out.items()}
@@ -136,8 +136,7 @@ class ImageTextITC(PretrainMode):
     def eval_sets(self, data, tokenizer, image_state, rank, world_size):
         sets = []
         if data.val_loader is not None:
-            sets.append(retrieval_set(data.val_loader, getattr(data.val_dataset, "image_index",
-                                                               range(data.num_val))))
+            sets.append(retrieval_set(data.val_loader, data.val_dataset))
         if self.args.zeroshot_data_path:
             sets.append(build_zero_shot(self.args, tokenizer, image_state, rank, world_size))
         return sets
@@ -169,15 +168,6 @@ def encode_pair(backbone, batch):
     return img, txt
 
 
-def contrastive(backbone, img, txt, live_params=True):
-    """The loss the model's config names (clip or siglip) of this rank's rows; with live_params False the
-    temperature and bias are constants (no gradient reaches them)."""
-    scale = backbone.logit_scale if live_params else backbone.logit_scale.detach()
-    if backbone.config["itc_loss"] == "clip":
-        return clip_loss(img, txt, scale)
-    return siglip_loss(img, txt, scale, backbone.logit_bias if live_params else backbone.logit_bias.detach())
-
-
 def feature_gradient_surrogate(backbone, batch):
     """A micro-batch's recompute: sum(g * f) over its live features f and their cached whole-batch loss
     gradients g, whose parameter gradient is this micro-batch's share of the whole-batch gradient; with the
@@ -186,7 +176,7 @@ def feature_gradient_surrogate(backbone, batch):
     img, txt = encode_pair(backbone, batch)
     total = (img.float() * batch[GRAD_KEYS[0]]).sum() + (txt.float() * batch[GRAD_KEYS[1]]).sum()
     if CACHE_KEYS[0] in batch:
-        total = total + contrastive(backbone, batch[CACHE_KEYS[0]], batch[CACHE_KEYS[1]])["loss"]
+        total = total + contrastive_loss(backbone, batch[CACHE_KEYS[0]], batch[CACHE_KEYS[1]])["loss"]
     return {"loss": total}
 
 
@@ -217,7 +207,7 @@ def accumulate_exactly(trainer, batches, nonfinite):
     # rank held one batch of k*B (rows are per-row means, so DDP's average is the global mean).
     cached_img = torch.cat(imgs).requires_grad_(True)
     cached_txt = torch.cat(txts).requires_grad_(True)
-    out = contrastive(backbone, cached_img, cached_txt, live_params=False)
+    out = contrastive_loss(backbone, cached_img, cached_txt, live_params=False)
     out["loss"].backward()  # all ranks: the gather's backward sums every rank's share into each own row
     nonfinite |= ~torch.isfinite(out["loss"].detach())
     grads_img = cached_img.grad.split([x.shape[0] for x in imgs])

@@ -85,14 +85,15 @@ def test_accumulated_gradient_equals_the_whole_batch_gradient(tiny_tokenizer, lo
 def test_drop_path_is_replayed_in_each_recompute(tiny_tokenizer):
     """With drop path on, the gradient is the whole-batch gradient at the cached features: the same as
     embedding the micro-batches in order with a graph and backpropagating the whole loss once."""
-    from modes.image_text_itc import contrastive, encode_pair
+    from models.contrastive import contrastive_loss
+    from modes.image_text_itc import encode_pair
 
     model, batch = _model(tiny_tokenizer, "clip", drop_path=0.5), _pairs(tiny_tokenizer)
     torch.manual_seed(7)
     got = _grads(model, batch, 2)
     torch.manual_seed(7)
     feats = [encode_pair(model, b) for b in _split(batch, 2)]
-    contrastive(model, torch.cat([f[0] for f in feats]), torch.cat([f[1] for f in feats]))["loss"].backward()
+    contrastive_loss(model, torch.cat([f[0] for f in feats]), torch.cat([f[1] for f in feats]))["loss"].backward()
     ref = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     for name, g in ref.items():
         torch.testing.assert_close(got[name], g, rtol=GRAD_RTOL, atol=1e-7, msg=name)

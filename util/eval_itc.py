@@ -78,7 +78,7 @@ def evaluate_checkpoint(args, argv=None):
                                  split="valid")
         loader = eval_loader(val, PairCollator(tokenizer), args.batch_size, env.rank, env.world_size,
                              args.num_workers, args.pin_mem)
-        metrics.update(evaluate(retrieval_set(loader, getattr(val, "image_index", range(len(val)))), model, env.device))
+        metrics.update(evaluate(retrieval_set(loader, val), model, env.device))
         metrics["num_pairs"] = len(val)
     if args.zeroshot_data_path:
         zero_shot = build_zero_shot(args, tokenizer, image_state, env.rank, env.world_size)

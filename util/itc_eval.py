@@ -13,10 +13,11 @@ def _embed_pair(model, batch, prepared=None):
             "text_emb": model.encode_text(batch["text_ids"], batch["text_masks"]).float()}
 
 
-def retrieval_set(loader, image_index):
-    """R@k both ways over the pairs of `loader`; `image_index[i]`: the image of pair i (pairs sharing an
-    image, i.e. several captions of one image, count it once)."""
-    image_index = torch.as_tensor(list(image_index)).long()
+def retrieval_set(loader, dataset):
+    """R@k both ways over the pairs of `loader` (over `dataset`); `dataset.image_index[i]`, where the dataset
+    has it, is the image of pair i (pairs sharing an image, i.e. several captions of one image, count it
+    once); else every pair has its own image."""
+    image_index = torch.as_tensor(list(getattr(dataset, "image_index", range(len(dataset))))).long()
 
     def metrics(out):
         unique, txt_to_img = torch.unique(image_index, return_inverse=True)
