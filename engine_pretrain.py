@@ -55,13 +55,15 @@ def run_config(args, device, steps_per_epoch, autocast_dtype):
 @dataclass(kw_only=True)
 class Trainer:
     """Everything a training epoch touches. `model` is what runs the forward (DDP or the raw model),
-    `raw_model` the unwrapped module; `post_step` runs after every optimizer step (temperature clamp, EMA)."""
+    `raw_model` the unwrapped module; `post_step` runs after every optimizer step (temperature clamp, EMA);
+    `monitor` (modes.base.PretrainMode.monitor) observes every step's metrics and reports at log steps."""
     model: torch.nn.Module
     raw_model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scaler: object
     cfg: RunConfig
     post_step: Optional[Callable] = None
+    monitor: object = None
     checkpointer: object = None
     run_log: object = None
     bad_samples: Optional[Callable] = None
@@ -124,7 +126,10 @@ def train_one_epoch(trainer, loader, epoch, start_step, global_step):
             raw.prepare_batch(b)
         lr = lr_at_step(global_step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.total_steps)
         set_lr(trainer.optimizer, lr)
-        window.add(accumulate(trainer, batches, nonfinite))
+        metrics = accumulate(trainer, batches, nonfinite)
+        window.add(metrics)
+        if trainer.monitor is not None:
+            trainer.monitor.observe(batches, metrics)
         log_now = (step + 1) % cfg.log_freq == 0 or step + 1 == cfg.steps_per_epoch
         grad_norm = optimizer_step(trainer.optimizer, trainer.scaler, trainable, cfg.clip_grad, log_now,
                                    trainer.post_step)
@@ -134,6 +139,8 @@ def train_one_epoch(trainer, loader, epoch, start_step, global_step):
         if log_now:
             stats = window.reduce()
             stats["grad_norm"] = float(grad_norm)
+            if trainer.monitor is not None:
+                trainer.monitor.report(stats, global_step)
             _log_step(trainer, stats, (epoch, step, global_step, lr), timer, run_start, steps_done)
             if not all(math.isfinite(v) for k, v in stats.items() if k != "grad_norm"):
                 raise NonFiniteLoss(f"non-finite loss at epoch {epoch + 1} step {step + 1} ({stats}); no checkpoint "

@@ -15,7 +15,7 @@ import torch
 from custom_datasets.finetune_data import resolve_image_preprocess, resolve_tokenizer
 from engine_pretrain import Trainer, evaluate, run_config, train_one_epoch
 from models.loading import check_architecture
-from models.registry import backbone_names, create_model, model_config
+from models.registry import backbone_names, create_model, model_config, recorded_config
 from models.vlmo import ITC_LOSSES
 from tasks import all_tasks, get_task, task_names
 from tasks.base import (GLOBAL_POOLS, FinetuneModel, WeightEma, discard_pretraining_heads, load_backbone_weights,
@@ -37,7 +37,8 @@ DEFAULT_TOKENIZER = "checkpoints/tokenizer/"
 DEFAULT_MODEL = "vlmo_base_patch16"
 BEST = "checkpoint-best.pth"
 # Backbone settings a run inherits from its checkpoint's model_config unless a flag says otherwise.
-_INHERITED_CONFIG = ("ffn_layout", "itc_loss", "max_text_len", "vocab_size", "mim_target", "mim_vocab_size")
+_INHERITED_CONFIG = ("ffn_layout", "itc_loss", "max_text_len", "vocab_size", "mim_target", "mim_vocab_size",
+                     "image_pos_embed")
 
 
 def get_args_parser():
@@ -169,7 +170,7 @@ def _load_weights(path):
 
 def backbone_settings(args, ckpt_config, tokenizer):
     """(model name, create_model overrides) from the flags, the checkpoint's model_config and the tokenizer."""
-    ckpt_config = ckpt_config or {}
+    ckpt_config = recorded_config(ckpt_config) or {}
     name = args.model or ckpt_config.get("name") or DEFAULT_MODEL
     overrides = {k: ckpt_config[k] for k in _INHERITED_CONFIG if k in ckpt_config}
     if args.ffn_layout:

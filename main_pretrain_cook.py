@@ -69,6 +69,10 @@ def get_args_parser():
     g.add_argument("--image_norm", default=None, choices=sorted(IMAGE_NORMS),
                    help="pixel normalisation; default: the resumed checkpoint's, else beit (0.5/0.5, as BEiT weights "
                         "were trained)")
+    g.add_argument("--eval_crop_pct", type=float, default=None,
+                   help="evaluation view: resize the shorter side to size / pct, centre-crop size; default: the "
+                        "resumed run's, else the mode's (image_text_itc 1.0, the whole image training sees; "
+                        "others 0.875); saved with the run")
     g.add_argument("--num_workers", type=int, default=8)
     g.add_argument("--pin_mem", default=True, action=argparse.BooleanOptionalAction)
     g = p.add_argument_group("optimisation")
@@ -127,6 +131,9 @@ def parse_args(argv=None):
             raise UserError(f"--{flag} must be >= 1")
     if args.lora_rank < 0:
         raise UserError("--lora_rank must be >= 0")
+    if args.eval_crop_pct is not None and not 0.0 < args.eval_crop_pct <= 1.0:
+        raise UserError(f"--eval_crop_pct {args.eval_crop_pct}: a fraction in (0, 1]")
+    get_mode(args.mode).resolve_defaults(args)
     if args.lock_image and args.lock_text:
         raise UserError("--lock_image and --lock_text together leave nothing to train")
     locked = "image" if args.lock_image else "text" if args.lock_text else None
@@ -224,8 +231,12 @@ def run(args, argv):
     mode.setup(env.device)
     overrides = model_overrides(args, tokenizer, mode)
     arch = model_config(args.model, **overrides)
-    image_state = inherit_image_state(args.image_norm, plan.ckpt if isinstance(plan.ckpt, dict) else None,
-                                      plan.path, arch["img_size"])
+    record = plan.ckpt if isinstance(plan.ckpt, dict) else None
+    crop_pct = args.eval_crop_pct
+    if crop_pct is None:  # a resumed run keeps its view; a new stage takes its mode's
+        crop_pct = ((record or {}).get("image_preprocess") or {}).get("crop_pct") if plan.kind == "train" else None
+    image_state = inherit_image_state(args.image_norm, record, plan.path, arch["img_size"],
+                                      crop_pct if crop_pct is not None else mode.eval_crop_pct)
     grid = (arch["img_size"] // arch["patch_size"],) * 2 if arch.get("patch_size") else None
     data = mode.build_data(tokenizer, image_state, env.rank, env.world_size, grid)
     steps_per_epoch = data.batches_per_epoch // args.accum_iter
@@ -233,6 +244,8 @@ def run(args, argv):
         raise UserError(f"--data_path: one epoch gives {data.batches_per_epoch} batches per process, fewer than "
                         f"--accum_iter {args.accum_iter}")
     backbone, provided, groups = build_model(args, overrides, plan)
+    if plan.kind != "train":
+        mode.init_fresh(backbone, set(provided), args.effective_batch_size)
     log_trainable(backbone, groups)
     model = PretrainModel(backbone, mode).to(env.device)
     optimizer = build_adamw(backbone, args.lr, args.weight_decay, tuple(args.opt_betas))
@@ -254,7 +267,7 @@ def run(args, argv):
                               data_state=data_state)
 
     trainer = Trainer(model=ddp, raw_model=model, optimizer=optimizer, scaler=scaler, cfg=cfg,
-                      post_step=mode.post_step(backbone), run_log=RunLog(args.output_dir, args.log_dir, env.is_main),
+                      post_step=mode.post_step(backbone), monitor=mode.monitor(), run_log=RunLog(args.output_dir, args.log_dir, env.is_main),
                       checkpointer=Checkpointer(args.output_dir, build_state, env.device, args.save_per_epochs,
                                                 args.save_every_steps, args.save_every_minutes),
                       bad_samples=BadSampleLog(args.output_dir, env.rank))

@@ -72,16 +72,17 @@ def image_preprocess_state(img_size: int = 224, norm: str = "beit", interpolatio
             "interpolation": interpolation, "crop_pct": float(crop_pct)}
 
 
-def inherit_image_state(norm_flag, ckpt, source, img_size):
+def inherit_image_state(norm_flag, ckpt, source, img_size, crop_pct=0.875):
     """Image preprocessing of a pretraining run: --image_norm, else the resumed checkpoint's record (`ckpt`
-    read from `source`), else BEiT's 0.5/0.5. A flag that contradicts the record wins, with a loud warning."""
+    read from `source`), else BEiT's 0.5/0.5. A flag that contradicts the record wins, with a loud warning.
+    `crop_pct`: the evaluation centre crop's fraction (the caller's choice; see main_pretrain_cook)."""
     inherited = (ckpt or {}).get("image_preprocess")
     norm = norm_flag or (inherited or {}).get("norm") or "beit"
     if inherited and norm_flag and inherited.get("norm") != norm_flag:
         LOG.warning("!" * 100 + f"\n!! --image_norm {norm_flag} differs from the '{inherited.get('norm')}' "
                     f"normalisation recorded in {source}.\n!! The weights were trained on differently normalised "
                     "pixels; continuing with the flag's value.\n" + "!" * 100)
-    return image_preprocess_state(img_size=img_size, norm=norm)
+    return image_preprocess_state(img_size=img_size, norm=norm, crop_pct=crop_pct)
 
 
 def _checked_state(state: dict) -> dict:
@@ -186,6 +187,25 @@ class BeitTwoViewTransform:
         return out
 
 
+class ResizedCropView:
+    """One random resized crop (the RandomResizedCrop rule, ``scale`` of the area), flipped horizontally with
+    probability ``hflip``, resized to img_size and normalised: ``__call__(pil_rgb, rng) -> FloatTensor[3, S, S]``.
+    The contrastive (image_text_itc) training view; ``scale=(1, 1)`` is the whole image."""
+
+    def __init__(self, img_size: int, mean, std, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3), hflip: float = 0.0,
+                 interpolation: str = "bicubic"):
+        self.img_size, self.scale, self.ratio, self.hflip = int(img_size), tuple(scale), tuple(ratio), float(hflip)
+        self.normalize = _Normalize(mean, std)
+        self.interpolation = INTERPOLATIONS[interpolation]
+
+    def __call__(self, img: Image.Image, rng: np.random.Generator) -> torch.Tensor:
+        top, left, h, w = sample_resized_crop(rng, img.width, img.height, self.scale, self.ratio)
+        region = img.crop((left, top, left + w, top + h))
+        if self.hflip > 0 and rng.random() < self.hflip:
+            region = region.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return self.normalize(_to_tensor(region.resize((self.img_size,) * 2, self.interpolation)))
+
+
 class EvalTransform:
     """Resize the shorter side to img_size / crop_pct, centre-crop img_size, normalise:
     ``__call__(pil_rgb, rng=None) -> FloatTensor[3, img_size, img_size]`` (rng unused; deterministic)."""
@@ -214,6 +234,13 @@ def build_two_view_transform(state: dict, masking=None, second_size: int | None 
     return BeitTwoViewTransform(state["img_size"], second_size, state["mean"], state["std"],
                                 color_jitter=color_jitter, masking=masking, scale=scale,
                                 interpolation=state["interpolation"])
+
+
+def build_crop_view(state: dict, scale=(0.5, 1.0), hflip: float = 0.0) -> ResizedCropView:
+    """The contrastive training view (ResizedCropView) for a preprocessing record."""
+    state = _checked_state(state)
+    return ResizedCropView(state["img_size"], state["mean"], state["std"], scale=scale, hflip=hflip,
+                           interpolation=state["interpolation"])
 
 
 def build_eval_transform(state: dict) -> EvalTransform:

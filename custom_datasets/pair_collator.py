@@ -2,14 +2,20 @@
 import torch
 
 
-def duplicate_caption_fraction(text_ids: torch.Tensor) -> torch.Tensor:
-    """Fraction of rows of text_ids [B, L] whose token sequence already appeared earlier in the
-    batch (0 when all captions differ). Identical captions are false negatives for a contrastive
-    loss: a high value explains a loss that cannot reach zero."""
-    if text_ids.shape[0] == 0:
-        return torch.zeros(())
-    distinct = torch.unique(text_ids, dim=0).shape[0]
-    return torch.tensor((text_ids.shape[0] - distinct) / text_ids.shape[0])
+def caption_hashes(text_ids: torch.Tensor, text_masks: torch.Tensor) -> torch.Tensor:
+    """LongTensor[B]: one 64-bit hash per caption of its token ids (padding excluded, so a caption hashes
+    alike in every batch and on every rank; Python's tuple-of-int hash is the same in every process)."""
+    lengths = text_masks.sum(1).tolist()
+    return torch.tensor([hash(tuple(row[:n])) for row, n in zip(text_ids.tolist(), lengths)], dtype=torch.long)
+
+
+def duplicate_fraction(hashes: torch.Tensor) -> float:
+    """Fraction of the captions (hashes [N], e.g. a whole global batch) that repeat one seen earlier in it
+    (0 when all differ). Identical captions are false negatives for a contrastive loss: a high value
+    explains a loss that cannot reach zero."""
+    if hashes.numel() == 0:
+        return 0.0
+    return 1.0 - torch.unique(hashes).numel() / hashes.numel()
 
 
 class PairCollator:
@@ -17,7 +23,8 @@ class PairCollator:
         "images": FloatTensor[B, 3, H, W], "text_ids": LongTensor[B, L],
         "text_masks": LongTensor[B, L], "bad": [(path_or_id, reason), ...] over the batch,
         "epoch": LongTensor[B], "index": LongTensor[B],
-        "duplicate_caption_fraction": 0-dim tensor (see duplicate_caption_fraction)}
+        "caption_hash": LongTensor[B] (see caption_hashes; the duplicate-caption fraction of a global batch
+        is computed from them at log steps, util/itc_monitor.py)}
     `tokenizer.encode_batch(texts) -> (input_ids, attention_mask)` (custom_datasets/tokenizer.py,
     or any object with that method, e.g. a wrapper around a Hugging Face tokenizer).
     """
@@ -34,5 +41,5 @@ class PairCollator:
             "bad": [b for it in items for b in it["bad"]],
             "epoch": torch.tensor([it["epoch"] for it in items], dtype=torch.long),
             "index": torch.tensor([it["index"] for it in items], dtype=torch.long),
-            "duplicate_caption_fraction": duplicate_caption_fraction(ids),
+            "caption_hash": caption_hashes(ids, masks),
         }

@@ -100,8 +100,33 @@ def siglip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor,
         "i2t_acc": _accuracy(logits, labels),
         "t2i_acc": _accuracy(logits_t2i, labels),
         "temperature": scale.detach(),
-        "logit_bias": bias.detach(),
+        "logit_bias": bias.detach().clone(),  # a copy: detach() alone would show the value after the step
+        "chance_loss": torch.tensor(siglip_chance_loss(batch * world), device=img.device),
     }
+
+
+def siglip_chance_loss(global_batch: int) -> float:
+    """The SigLIP loss (per row, as siglip_loss) of the best input-independent logits, sigmoid = 1/G for
+    all G pairs of a row: ln G + (G - 1) ln(G / (G - 1)) (about ln G + 1); where a fresh run starts."""
+    g = max(global_batch, 2)
+    return math.log(g) + (g - 1) * math.log(g / (g - 1))
+
+
+def siglip_prior_bias(global_batch: int) -> float:
+    """The SigLIP bias at which a fresh model's loss matches the label prior of G pairs: -ln(G - 1).
+
+    Why not the paper's fixed b = -10 (with t' = ln 10): at init the towers are unrelated, so the
+    cross-modal cosines are ~0 and every logit is ~b. A row holds 1 positive and G - 1 negatives; the
+    loss gradient on b is sum_j sigmoid(l_ij) - 1, zero (b the best constant predictor) where
+    sigmoid(b) = 1/G, i.e. b = -ln(G - 1). That is the paper's value at the paper's batches
+    (-ln(16383) = -9.7, -ln(32767) = -10.4), but -4.1 at G = 64: there b = -10 is ~6 units too low, the
+    positives' term -log sigmoid(~-10) ~ 10 dominates the loss and its gradient (each negative weighs
+    e^-10), so the features are only pulled together (every logit rising at once, towards collapse)
+    while b moves about lr per Adam step (6 units take ~6000 steps at lr 1e-3): the plateau that
+    open_clip's SigLIP shows at batch 64-256. Starting at the prior balances pull and push from the
+    first step, at any G (G is the global batch the loss sees: batch x accum_iter x world size).
+    """
+    return -math.log(max(global_batch - 1, 1))
 
 
 @torch.no_grad()
@@ -110,11 +135,27 @@ def clamp_logit_scale_(param: torch.Tensor, max: float = math.log(100)) -> torch
     return param.clamp_(0.0, max)
 
 
+def embedding_spread(x: torch.Tensor) -> torch.Tensor:
+    """1 - the mean cosine similarity between distinct rows of L2-normalised x [B, D] (detached): 0 when
+    every input gets the same embedding (a model that cannot leave the chance loss), ~1 for unrelated
+    directions. O(B * D): ||sum x||^2 holds the B diagonal ones plus every off-diagonal pair."""
+    x = x.detach().float()
+    b = x.shape[0]
+    if b < 2:
+        return torch.ones((), device=x.device)
+    total = x.sum(0).pow(2).sum()
+    return 1.0 - (total - x.pow(2).sum()) / (b * (b - 1))
+
+
 def contrastive_loss(model, img, txt, live_params=True):
-    """The loss a model's config names (`itc_loss`: clip or siglip) with its temperature (and bias); with
-    live_params False they enter as constants (no gradient reaches them: exact accumulation's cache pass)."""
+    """The loss a model's config names (`itc_loss`: clip or siglip) with its temperature (and bias), plus the
+    batch's embedding spread of each tower; with live_params False the temperature and bias enter as
+    constants (no gradient reaches them: exact accumulation's cache pass)."""
     def param(p):
         return p if live_params else p.detach()
     if model.config["itc_loss"] == "clip":
-        return clip_loss(img, txt, param(model.logit_scale))
-    return siglip_loss(img, txt, param(model.logit_scale), param(model.logit_bias))
+        out = clip_loss(img, txt, param(model.logit_scale))
+    else:
+        out = siglip_loss(img, txt, param(model.logit_scale), param(model.logit_bias))
+    out["image_spread"], out["text_spread"] = embedding_spread(img), embedding_spread(txt)
+    return out

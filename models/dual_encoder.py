@@ -27,7 +27,7 @@ KIND = "dual_encoder"
 MODE = "image_text_itc"
 OURS = "ours"
 # CLIP's text transformer dimensions; tests and small runs override them (text_tower_kwargs).
-OUR_TEXT_DEFAULTS = dict(width=512, depth=12, heads=8, mlp_ratio=4.0, layer_scale_init=0.1)
+OUR_TEXT_DEFAULTS = dict(width=512, depth=12, heads=8, mlp_ratio=4.0, layer_scale_init=1.0)
 # Families whose attention and MLP call their nn.Linear modules (so LoRALinear in their place is used).
 _HF_LORA_TYPES = ("bert", "roberta", "xlm-roberta")
 
@@ -36,7 +36,7 @@ class OurTextTower(nn.Module):
     """BERT-style embeddings + pre-LN blocks with one shared FFN (models/multiway_block.py) + final LayerNorm."""
 
     def __init__(self, vocab_size, width, depth, heads, mlp_ratio=4.0, max_len=196, drop_path=0.0,
-                 layer_scale_init=0.1):
+                 layer_scale_init=1.0):
         super().__init__()
         self.width = width
         self.embeddings = TextEmbeddings(vocab_size, width, max_len)
@@ -44,11 +44,21 @@ class OurTextTower(nn.Module):
         self.blocks = nn.ModuleList([MultiwayBlock(width, heads, mlp_ratio, "shared", drop_path=dpr[i],
                                                    layer_scale_init=layer_scale_init) for i in range(depth)])
         self.norm = LayerNorm(width)
+        # As VLMo._init_weights (models/vlmo.py): embeddings std 0.02; the blocks' Linear layers
+        # trunc-normal(fan_in^-0.5), residual outputs (attn.proj, mlp.fc2) further / sqrt(2 * depth), so each
+        # block moves the (LayerNorm-ed, unit-scale) token stream by O(1) and the [CLS] feature depends on the
+        # text at init (std 0.02 everywhere with layer scale 0.1 left it constant: cosine 1.0000 across texts).
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 trunc_normal_(m.weight, std=0.02)
                 if getattr(m, "bias", None) is not None:
                     nn.init.zeros_(m.bias)
+        for block in self.blocks:
+            for layer in (block.attn.qkv, block.attn.proj, block.mlp.fc1, block.mlp.fc2):
+                std = layer.in_features ** -0.5
+                trunc_normal_(layer.weight, std=std, a=-2 * std, b=2 * std)
+            for layer in (block.attn.proj, block.mlp.fc2):
+                layer.weight.data.mul_((2.0 * depth) ** -0.5)
 
     def forward(self, ids, masks):
         """ids, masks [B, L] (mask 1 = token) -> [B, width], the first ([CLS]) token after the final norm."""
@@ -101,6 +111,7 @@ class DualEncoder(nn.Module):
             self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         else:
             self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
+            # The paper's b; a fresh run starts it at the prior of its global batch (modes/image_text_itc.py).
             self.logit_bias = nn.Parameter(torch.tensor(-10.0))
         # Names loaded from --image_tower_weights or the HF folder: pretrained, so LoRA adapts them.
         self.pretrained_keys = sorted(pretrained_keys)

@@ -1,12 +1,14 @@
 """Load weights from a checkpoint of this architecture into a model, checking that it is one.
 
 Backbone shape mismatches and the other FFN layout are refused with a message naming the file; the
-relative position tables are resized for another image size; pretraining heads of another shape (e.g. a
+relative position tables and the absolute patch positions are resized for another image size; pretraining heads of another shape (e.g. a
 pixel MIM head into a dVAE-target run) are dropped with a report.
 """
 import math
 
-from models.registry import ARCHITECTURE_KEYS
+import torch
+
+from models.registry import ARCHITECTURE_KEYS, LEGACY_DEFAULTS, recorded_config
 from models.relative_position import resize_relative_position_table
 from util.errors import UserError
 
@@ -62,6 +64,9 @@ def load_pretrained_weights(model, state_dict, path, flag="--resume", ckpt_confi
         elif k.endswith("relative_position_bias_table") and src.shape[1] == dst.shape[1]:
             to_load[k] = resize_relative_position_table(src, grid_from_buckets(src.shape[0]), model.grid_hw)
             report["resized"].append(k)
+        elif k == "image_pos_embed" and src.shape[-1] == dst.shape[-1]:
+            to_load[k] = resize_patch_position_embedding(src, model.grid_hw)
+            report["resized"].append(k)
         elif k.startswith(RESETTABLE_HEADS):
             report["dropped"].append(k)
         else:
@@ -73,6 +78,16 @@ def load_pretrained_weights(model, state_dict, path, flag="--resume", ckpt_confi
     report["unused"] = sorted(k for k in state_dict if k not in own)
     report["missing"] = sorted(k for k in own if k not in to_load)
     return report
+
+
+def resize_patch_position_embedding(table, grid_hw):
+    """[1, h*w, D] absolute patch positions (a square grid) -> [1, H*W, D] for the model's grid (bicubic)."""
+    side = int(round(table.shape[1] ** 0.5))
+    if side * side != table.shape[1]:
+        raise ValueError(f"image_pos_embed of {table.shape[1]} positions is not a square grid")
+    grid = table.reshape(1, side, side, -1).permute(0, 3, 1, 2).float()
+    grid = torch.nn.functional.interpolate(grid, size=tuple(grid_hw), mode="bicubic", align_corners=False)
+    return grid.permute(0, 2, 3, 1).reshape(1, grid_hw[0] * grid_hw[1], -1).to(table.dtype)
 
 
 def load_weights(model, state_dict, path, flag="--resume", ckpt_config=None):
@@ -97,7 +112,9 @@ def model_for_resume(ckpt_config, name, overrides, path, flag="--resume"):
     if ckpt_config.get("name", name) != name:
         raise UserError(f"{flag} {path}: holds a {ckpt_config['name']} model, not --model {name}")
     if not is_dual_encoder_config(ckpt_config):
-        model = create_model(name, **overrides)
+        recorded = recorded_config(ckpt_config)
+        # tensors that exist or not by a config switch follow the checkpoint (which must load strictly)
+        model = create_model(name, **{**overrides, **{k: recorded[k] for k in LEGACY_DEFAULTS if k in recorded}})
         check_architecture(ckpt_config, model.config, path, flag)
         return model
     image, text = ckpt_config["image"]["name"], ckpt_config["text"]

@@ -14,14 +14,18 @@ DUAL_ENCODER = "dual_encoder"
 
 _DEFAULTS = dict(img_size=224, patch_size=16, mlp_ratio=4.0, vocab_size=30522, max_text_len=196,
                  ffn_layout="multiway", drop_rate=0.0, drop_path_rate=0.0, mim_vocab_size=8192,
-                 mim_target="dalle", itc_loss="clip", itc_pool="cls")
+                 mim_target="dalle", itc_loss="clip", itc_pool="cls", image_pos_embed=True)
+# Config keys added after checkpoints were written, with the value a checkpoint's model_config without the key
+# means (the architecture it was trained with).
+LEGACY_DEFAULTS = {"image_pos_embed": False}
 
 # Published VLMo/BEiT dimensions; vl_start = first layer (0-based) holding the vision-language expert.
+# layer_scale_init: the gammas of a FRESH model (1.0: see models/vlmo.py _init_weights); BEiT weights load theirs.
 _ARCHS = {
-    "vlmo_tiny_patch16": dict(embed_dim=64, depth=2, num_heads=2, vl_start=1, layer_scale_init=0.1, img_size=32),
-    "vlmo_small_patch16": dict(embed_dim=384, depth=12, num_heads=6, vl_start=10, layer_scale_init=0.1),
-    "vlmo_base_patch16": dict(embed_dim=768, depth=12, num_heads=12, vl_start=10, layer_scale_init=0.1),
-    "vlmo_large_patch16": dict(embed_dim=1024, depth=24, num_heads=16, vl_start=21, layer_scale_init=1e-5),
+    "vlmo_tiny_patch16": dict(embed_dim=64, depth=2, num_heads=2, vl_start=1, layer_scale_init=1.0, img_size=32),
+    "vlmo_small_patch16": dict(embed_dim=384, depth=12, num_heads=6, vl_start=10, layer_scale_init=1.0),
+    "vlmo_base_patch16": dict(embed_dim=768, depth=12, num_heads=12, vl_start=10, layer_scale_init=1.0),
+    "vlmo_large_patch16": dict(embed_dim=1024, depth=24, num_heads=16, vl_start=21, layer_scale_init=1.0),
 }
 
 # Keys that define which tensors exist and their shapes: checkpoints must agree on these.
@@ -77,10 +81,18 @@ def create_model(name, **overrides):
     return VLMo(model_config(name, **overrides))
 
 
+def recorded_config(ckpt_config):
+    """A multiway checkpoint's model_config with LEGACY_DEFAULTS filled in for the keys it predates ({} or None
+    stays as is: no record)."""
+    if not ckpt_config:
+        return ckpt_config
+    return {**LEGACY_DEFAULTS, **ckpt_config}
+
+
 def model_from_config(config):
     """Rebuild (random weights) the architecture a checkpoint's `model_config` records."""
     from models.dual_encoder import dual_encoder_from_config, is_dual_encoder_config
 
     if is_dual_encoder_config(config):
         return dual_encoder_from_config(config)
-    return create_model(config["name"], **{k: v for k, v in config.items() if k != "name"})
+    return create_model(config["name"], **{k: v for k, v in recorded_config(config).items() if k != "name"})

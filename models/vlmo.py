@@ -13,6 +13,11 @@ from models.multiway_block import LayerNorm, MultiwayBlock
 
 ITC_LOSSES = ("clip", "siglip")
 ITC_POOLS = ("cls", "mean")
+POS_EMBED_GAIN = 10.0
+# image_pos_embed is added to the patch tokens as POS_EMBED_GAIN * parameter: the parameter starts at zero (a
+# model loaded from BEiT, which has none, computes exactly BEiT's function) and learns at this multiple of the
+# base rate (Adam moves a parameter ~lr per step whatever its gradient's scale; a zero start at the base rate
+# stays ~0.1 against unit-scale patch tokens for hundreds of steps).
 MIM_TARGETS = ("dalle", "pixel")
 
 
@@ -34,6 +39,11 @@ class VLMo(nn.Module):
         self.patch_embed = PatchEmbed(c["img_size"], c["patch_size"], 3, dim)
         self.grid_hw = self.patch_embed.grid_hw
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        # Absolute position of each patch (config image_pos_embed; off in checkpoints that predate it): without it
+        # the image path's only position signal is the zero-initialised relative bias, and a fresh model pools a
+        # bag of patches (scripts/bench_itc_learning.py: 0.91 -> 0.97 zero-shot, open_clip 0.97).
+        self.image_pos_embed = (nn.Parameter(torch.zeros(1, self.patch_embed.num_patches, dim))
+                                if c["image_pos_embed"] else None)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.text_embeddings = TextEmbeddings(c["vocab_size"], dim, c["max_text_len"], drop=c["drop_rate"])
         dpr = [c["drop_path_rate"] * i / max(c["depth"] - 1, 1) for i in range(c["depth"])]
@@ -52,6 +62,7 @@ class VLMo(nn.Module):
             self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         else:
             self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
+            # The paper's b; a fresh run starts it at the prior of its global batch (modes/image_text_itc.py).
             self.logit_bias = nn.Parameter(torch.tensor(-10.0))
         # Which modalities the LoRA adapters act on (LiT locks a tower: adapters then serve the other one only).
         self.lora_modalities = {"image", "text", "vl"}
@@ -61,6 +72,22 @@ class VLMo(nn.Module):
         self._init_weights()
 
     def _init_weights(self):
+        """Initialisation of a freshly built model (converted BEiT weights are loaded over it afterwards).
+
+        Scaled as in GPT-2 / open_clip so that every block changes the residual stream by O(1) at any width:
+        the blocks' Linear layers (qkv, fc1) draw from trunc-normal(std = fan_in^-0.5); the residual outputs
+        (attn.proj, every expert's fc2) are further divided by sqrt(2 * depth); the patch embedding is fan-in
+        scaled too (patch tokens of unit scale, like the LayerNorm-ed text tokens); the ITC projections use
+        CLIP's width^-0.5. Tokens, embedding tables and the MLM/MIM heads keep std 0.02, the relative
+        position tables stay zero (BEiT's). BEiT's own init (std 0.02 everywhere, proj/fc2 divided by
+        sqrt(2(i+1)), layer scale 0.1) leaves a 64-512 wide model's blocks adding ~1e-3 to a constant CLS
+        token, so the CLS embedding is input-independent at init (mean cosine similarity of a batch's
+        embeddings 0.9996 image, 1.0000 text) and CLS-pooled ITC sits at ln(batch) with zero gradient.
+        The layer scale gammas start at config["layer_scale_init"] (set by MultiwayBlock), 1.0 in the registry:
+        a fresh model learns best without attenuation (0.1, BEiT's value, cost ~10 points of zero-shot accuracy
+        in scripts/bench_itc_learning.py); converted BEiT weights bring their own trained gammas.
+        """
+        fan_in_std = lambda w: w[0].numel() ** -0.5  # noqa: E731
         for p in (self.cls_token, self.mask_token):
             trunc_normal_(p, std=0.02)
         for m in self.modules():
@@ -73,12 +100,19 @@ class VLMo(nn.Module):
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-        # BEiT's rescale: keeps the residual stream's variance independent of depth at init.
-        for i, block in enumerate(self.blocks):
-            block.attn.proj.weight.data.div_(math.sqrt(2.0 * (i + 1)))
-            for name in ("mlp", "mlp_imag", "mlp_text", "mlp_vl"):
-                if hasattr(block, name):
-                    getattr(block, name).fc2.weight.data.div_(math.sqrt(2.0 * (i + 1)))
+        residual_scale = (2.0 * len(self.blocks)) ** -0.5
+        for block in self.blocks:
+            experts = [getattr(block, n) for n in ("mlp", "mlp_imag", "mlp_text", "mlp_vl") if hasattr(block, n)]
+            for layer in [block.attn.qkv, block.attn.proj] + [e.fc1 for e in experts] + [e.fc2 for e in experts]:
+                std = fan_in_std(layer.weight)
+                trunc_normal_(layer.weight, std=std, a=-2 * std, b=2 * std)
+            for layer in [block.attn.proj] + [e.fc2 for e in experts]:
+                layer.weight.data.mul_(residual_scale)
+        std = fan_in_std(self.patch_embed.proj.weight)
+        trunc_normal_(self.patch_embed.proj.weight, std=std, a=-2 * std, b=2 * std)
+        nn.init.zeros_(self.patch_embed.proj.bias)
+        for proj in (self.itc_image_proj, self.itc_text_proj):  # CLIP's init: std = width^-0.5
+            nn.init.normal_(proj.weight, std=proj.in_features ** -0.5)
 
     # ---- feature extractors (last block output, before the final norm) ----
     def _run_blocks(self, x, modality, attn_mask=None, use_rel_pos=False, text_len=None):
@@ -93,6 +127,8 @@ class VLMo(nn.Module):
         x = self.patch_embed(images)
         if bool_masked_pos is not None:
             x = torch.where(bool_masked_pos.bool().unsqueeze(-1), self.mask_token.type_as(x), x)
+        if self.image_pos_embed is not None:
+            x = x + (POS_EMBED_GAIN * self.image_pos_embed).type_as(x)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).type_as(x), x], dim=1)
         return self._run_blocks(x, "image", use_rel_pos=True)
 

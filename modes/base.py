@@ -5,7 +5,10 @@ A mode (one file in modes/) subclasses `PretrainMode` and is registered with `@r
   attention stack always is) and `heads` (regexes of the head parameters it trains): its path through the
   backbone, which models.trainable uses to decide what trains (and downstream tasks reuse by name).
 - `add_args(group)`: its flags (added to main_pretrain_cook's parser for every registered mode).
+- `resolve_defaults(args)`: fill in the defaults that depend on the mode (flags left at None).
 - `model_overrides()`: registry overrides the mode needs (e.g. the dVAE vocabulary of the MIM head).
+- `init_fresh(backbone, loaded, global_batch)`: initialise what depends on the run (not on the
+  architecture) in the parameters no checkpoint provided (`loaded`: the names that were loaded).
 - `setup(device)`: build what the mode needs beside the model (the dVAE tokenizer for image_mim).
 - `build_data(tokenizer, image_state, rank, world_size, grid)` -> PretrainData: its dataset, collator and
   transforms.
@@ -14,6 +17,9 @@ A mode (one file in modes/) subclasses `PretrainMode` and is registered with `@r
   `loss(backbone, batch)`: {"loss": the SUM of the terms (differentiable), named detached metrics}.
 - `eval_sets(data, tokenizer, image_state, rank, world_size)` -> [util.evaluation.EvalSet]: its evaluation.
 - `post_step(backbone)`: a callable run after every optimizer step, or None.
+- `monitor()`: an object with `observe(batches, metrics)` (every optimizer step, device ops only) and
+  `report(stats, global_step)` (log steps, on every rank: may run collectives, adds to `stats`), or None.
+- `eval_crop_pct`: the default evaluation centre-crop fraction of the mode's image evaluation.
 - `accumulate`: how one optimizer step's micro-batches become gradients (None: the loop's default, which
   normalises by the global loss-unit count; a contrastive mode may cache features instead).
 
@@ -45,6 +51,7 @@ class PretrainMode:
     accumulate = None
     # Model kinds (config "kind", VLMo has none) the mode can train.
     model_kinds = (None,)
+    eval_crop_pct = 0.875
 
     def __init__(self, args):
         self.args = args
@@ -53,8 +60,15 @@ class PretrainMode:
     def add_args(group):
         """The mode's flags (every registered mode's are on the parser; each mode reads its own)."""
 
+    @staticmethod
+    def resolve_defaults(args):
+        """Fill in the mode-dependent defaults of `args` in place (before any work starts)."""
+
     def model_overrides(self):
         return {}
+
+    def init_fresh(self, backbone, loaded, global_batch):
+        """Initialise run-dependent parameters that no checkpoint provided (default: nothing)."""
 
     def setup(self, device):
         """Build what the mode needs beside the model, on `device`."""
@@ -80,6 +94,9 @@ class PretrainMode:
         return []
 
     def post_step(self, backbone):
+        return None
+
+    def monitor(self):
         return None
 
 

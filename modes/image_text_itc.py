@@ -2,8 +2,13 @@
 model and the CLIP-family dual encoder (`--model dual_encoder`): CLIP, SigLIP, LiT/SigLiT, Chinese CLIP.
 
 Data: image-text pairs (custom_datasets/pair_dataset.py: CSV/TSV `text,image_path`, MUGE, WebDataset
-shards); one random resized crop per image (keyed by (seed, epoch, sample index)), captions tokenized in
-the workers by PairCollator.
+shards); one random resized crop per image (`--itc_crop_min_scale`; keyed by (seed, epoch, sample index)),
+flipped with probability `--itc_flip_prob` (default 0: captions say "left" and "right", and images hold
+text), captions tokenized in the workers by PairCollator.
+Fresh start: the towers' init is models/vlmo.py's (every block moves the residual stream, so the pooled
+embedding depends on the input); a fresh SigLIP bias starts at the prior of the global batch
+(models.contrastive.siglip_prior_bias, `--siglip_bias_init`); gradient clipping defaults to 1.0 (a fresh
+run's loss spikes once it leaves chance). util/itc_monitor.py warns when the loss stays at chance.
 Path: both towers and the shared attention stack, the ITC projections, the temperature (and SigLIP bias).
 `--lock_image` / `--lock_text` (LiT): that tower is frozen and run without a graph; LoRA adapters then act
 on the other modality only.
@@ -20,23 +25,27 @@ whole-batch loss; parameters only the loss uses (temperature, SigLIP bias) get t
 last micro-batch (open_clip's `--accum-freq` recomputes the full loss per micro-batch and so adds it k
 times). Memory grows with the micro-batch (one graph at a time) plus the cached [k*B*W, D] features.
 Evaluation: retrieval R@1/5/10 both ways on `--val_data_path` pairs, zero-shot top-1/5 on
-`--zeroshot_data_path` (util/itc_eval.py).
+`--zeroshot_data_path` (util/itc_eval.py), on the view `--eval_crop_pct` sets (default here 1.0: the
+shorter side resized to the model's size and centre-cropped, i.e. the whole image training sees, not
+fine-tuning's 0.875 crop); the fraction is saved with the run (image_preprocess) and util/eval_itc.py
+evaluates a checkpoint on the same view.
 """
 import contextlib
 
 import torch
 from torch.utils.data import DataLoader
 
-from custom_datasets.image_dataset import (ImageFolderDataset, build_eval_transform, build_two_view_transform,
-                                           collate_image_batch)
+from custom_datasets.image_dataset import ImageFolderDataset, build_crop_view, build_eval_transform, collate_image_batch
 from custom_datasets.loaders import batches_per_epoch, eval_loader, train_loader
 from custom_datasets.pair_collator import PairCollator
 from custom_datasets.pair_dataset import build_pair_dataset, is_shard_path
-from models.contrastive import clamp_logit_scale_, contrastive_loss
+from models.contrastive import clamp_logit_scale_, contrastive_loss, siglip_prior_bias
 from models.vlmo import ITC_LOSSES
 from modes import register_mode
 from modes.base import PretrainData, PretrainMode
+from util.errors import UserError
 from util.itc_eval import retrieval_set, zero_shot_set
+from util.itc_monitor import ContrastiveMonitor
 from util.logger import LOG
 from util.retrieval_metrics import read_classnames, read_templates
 from util.run_common import autocast_context
@@ -44,16 +53,6 @@ from util.run_common import autocast_context
 # Batch entries the exact accumulation adds for a micro-batch's recompute (see accumulate_exactly).
 GRAD_KEYS = ("itc_grad_image", "itc_grad_text")
 CACHE_KEYS = ("itc_cached_image", "itc_cached_text")
-
-
-class ImageView:
-    """transform(pil, rng) -> normalised tensor: one random resized crop (+ flip) for contrastive training."""
-
-    def __init__(self, image_state, scale):
-        self.two_view = build_two_view_transform(image_state, color_jitter=0.0, scale=scale)
-
-    def __call__(self, img, rng):
-        return self.two_view(img, rng)["images"]
 
 
 class _ShardEpochs:
@@ -72,29 +71,64 @@ class ImageTextITC(PretrainMode):
     towers = ("image", "text")
     heads = (r"itc_(image|text)_proj\.", r"logit_scale$", r"logit_bias$")
     model_kinds = (None, "dual_encoder")
+    eval_crop_pct = 1.0
 
     @staticmethod
     def add_args(group):
         group.add_argument("--itc_loss", default="clip", choices=ITC_LOSSES, help="image_text_itc: the loss")
         group.add_argument("--itc_crop_min_scale", type=float, default=0.5,
-                           help="image_text_itc: smallest random-crop area share of a training image")
+                           help="image_text_itc: smallest random-crop area share of a training image (1.0: the "
+                                "whole image)")
+        group.add_argument("--itc_flip_prob", type=float, default=0.0,
+                           help="image_text_itc: horizontal flip probability of a training image (default 0: "
+                                "captions describe left and right, and images hold text)")
+        group.add_argument("--siglip_bias_init", default="prior",
+                           help="SigLIP: the fresh bias b; 'prior' = -ln(G - 1) for the global batch G (learns at "
+                                "any batch), or a number (the paper's -10 suits G of 16k-32k)")
         group.add_argument("--itc_pool", default="cls", choices=["cls", "mean"],
-                           help="embedding of each tower: the CLS token (VLMo), or the mean of its tokens, which "
-                                "trains from random initialisation much sooner on small models")
+                           help="embedding of each tower: the CLS token (VLMo), or the mean of its tokens")
         group.add_argument("--lock_image", action="store_true", help="LiT: image tower frozen, embeddings unchanged")
         group.add_argument("--lock_text", action="store_true", help="text tower frozen")
         group.add_argument("--zeroshot_data_path", default=None, help="ImageNet-style folder for zero-shot evaluation")
         group.add_argument("--zeroshot_classnames", default=None, help="wnid<TAB>name file (default: folder names)")
         group.add_argument("--zeroshot_templates", default=None, help="prompt templates, one per line with {}")
 
+    @staticmethod
+    def resolve_defaults(args):
+        if args.clip_grad is None:
+            args.clip_grad = 1.0  # a fresh run spikes once it leaves chance; --clip_grad 0 turns it off
+        if not 0.0 <= args.itc_flip_prob <= 1.0:
+            raise UserError(f"--itc_flip_prob {args.itc_flip_prob}: a probability in [0, 1]")
+        if not 0.0 < args.itc_crop_min_scale <= 1.0:
+            raise UserError(f"--itc_crop_min_scale {args.itc_crop_min_scale}: an area share in (0, 1]")
+        if args.siglip_bias_init != "prior":
+            try:
+                args.siglip_bias_init = float(args.siglip_bias_init)
+            except ValueError:
+                raise UserError(f"--siglip_bias_init {args.siglip_bias_init!r}: 'prior' or a number") from None
+
     def model_overrides(self):
         return {"itc_loss": self.args.itc_loss, "itc_pool": self.args.itc_pool}
+
+    def init_fresh(self, backbone, loaded, global_batch):
+        """A SigLIP bias no checkpoint provided starts at --siglip_bias_init (see siglip_prior_bias)."""
+        if backbone.config["itc_loss"] != "siglip" or "logit_bias" in loaded:
+            return
+        init = self.args.siglip_bias_init
+        value = siglip_prior_bias(global_batch) if init == "prior" else float(init)
+        with torch.no_grad():
+            backbone.logit_bias.fill_(value)
+        LOG.info(f"SigLIP bias starts at {value:.4f}" + (f" = -ln({global_batch} - 1), the prior of the global "
+                                                         f"batch" if init == "prior" else ""))
+
+    def monitor(self):
+        return ContrastiveMonitor()
 
     def build_data(self, tokenizer, image_state, rank, world_size, grid):
         a = self.args
         collate = PairCollator(tokenizer)
-        train_set = build_pair_dataset(a.data_path, ImageView(image_state, (a.itc_crop_min_scale, 1.0)),
-                                       seed=a.seed, batch_size=a.batch_size, rank=rank, world_size=world_size)
+        view = build_crop_view(image_state, scale=(a.itc_crop_min_scale, 1.0), hflip=a.itc_flip_prob)
+        train_set = build_pair_dataset(a.data_path, view, seed=a.seed, batch_size=a.batch_size, rank=rank, world_size=world_size)
         if is_shard_path(a.data_path):
             loader = DataLoader(train_set, batch_size=a.batch_size, collate_fn=collate, num_workers=a.num_workers,
                                 pin_memory=a.pin_mem and torch.cuda.is_available(),
@@ -129,8 +163,6 @@ class ImageTextITC(PretrainMode):
         total = out.pop("loss") * rows  # per-row mean -> sum over this rank's rows
         metrics = {k: v.detach() for k, v in out.items()}
         metrics["itc_loss"] = total.detach() / rows
-        if "duplicate_caption_fraction" in batch:
-            metrics["duplicate_captions"] = batch["duplicate_caption_fraction"].float()
         return {"loss": total, **metrics}
 
     def eval_sets(self, data, tokenizer, image_state, rank, world_size):
@@ -230,8 +262,5 @@ def accumulate_exactly(trainer, batches, nonfinite):
     if "reg_loss" in surrogate:  # the term is added 1/k per micro-batch: once per step in all
         metrics["reg_loss"] = surrogate["reg_loss"]
         metrics["loss"] = metrics["loss"] + surrogate["reg_loss"]
-    if "duplicate_caption_fraction" in batches[0]:
-        metrics["duplicate_captions"] = torch.stack([b["duplicate_caption_fraction"].float()
-                                                     for b in batches]).mean()
     return metrics
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 from timm.models.beit import Beit
 
-from models.registry import create_model
+from models.registry import create_model, model_config
 from util.convert_beit_ckpt import convert_beit_state_dict, main, summarize_keys
 from util.errors import UserError
 
@@ -12,10 +12,10 @@ REL_LAYOUTS = {"per_layer": dict(use_rel_pos_bias=True), "shared": dict(use_shar
                "per_layer+shared": dict(use_rel_pos_bias=True, use_shared_rel_pos_bias=True)}
 
 
-def _random_beit(seed=0, init_values=0.1, **layout):
+def _random_beit(seed=0, init_values=0.1, use_abs_pos_emb=False, **layout):
     """timm Beit with every tensor randomised (q/v biases and the zero-init tables included)."""
     torch.manual_seed(seed)
-    model = Beit(use_abs_pos_emb=False, init_values=init_values, **TINY, **layout).eval()
+    model = Beit(use_abs_pos_emb=use_abs_pos_emb, init_values=init_values, **TINY, **layout).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             is_scale = name.endswith("norm1.weight") or name.endswith("norm2.weight") or name.endswith("norm.weight")
@@ -27,6 +27,8 @@ def _beit_features(model, images):
     """timm's last block output, before any final norm, run through its own modules."""
     x = model.patch_embed(images)
     x = torch.cat([model.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+    if model.pos_embed is not None:
+        x = x + model.pos_embed
     shared = model.rel_pos_bias() if model.rel_pos_bias is not None else None
     for block in model.blocks:
         x = block(x, shared_rel_pos_bias=shared)
@@ -134,10 +136,19 @@ def test_refuses_what_is_not_a_fitting_beit_checkpoint(tmp_path, monkeypatch):
         main(["--src", str(text), "--model", "vlmo_huge"])
 
 
-def test_absolute_position_embedding_is_reported(tmp_path):
-    torch.manual_seed(0)
-    beit = Beit(use_abs_pos_emb=True, use_rel_pos_bias=True, **TINY)
-    _, report = _convert(tmp_path, beit)
+def test_absolute_position_embedding_converts_exactly(tmp_path):
+    """BEiT's pos_embed: the CLS entry folds into cls_token, the patches' into image_pos_embed (stored / the gain);
+    a model without image_pos_embed drops it with a warning."""
+    beit = _random_beit(use_abs_pos_emb=True, use_rel_pos_bias=True)
+    ckpt, report = _convert(tmp_path, beit)
+    assert "image_pos_embed" in report["copied"] and not report["warnings"]
+    model = create_model("vlmo_tiny_patch16").eval()
+    model.load_state_dict(ckpt["model"], strict=False)
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_image_features(images), _beit_features(beit, images),
+                                   rtol=0, atol=1e-5)
+    _, report = convert_beit_state_dict(beit.state_dict(), model_config("vlmo_tiny_patch16", image_pos_embed=False))
     assert ("pos_embed", "absolute position embedding: the model has none") in report["dropped"]
     assert any("absolute position" in w for w in report["warnings"])
 

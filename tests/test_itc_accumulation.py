@@ -1,5 +1,6 @@
 """Exact contrastive accumulation: k micro-batches (on 1 or 2 ranks) give the gradient of one batch of all
 their pairs, for CLIP and SigLIP, with the temperature's gradient counted once and drop path replayed."""
+import math
 import os
 
 import pytest
@@ -12,7 +13,7 @@ from models.registry import create_model
 from models.trainable import configure_trainable
 from modes.base import pretrain_model
 from modes.image_text_itc import accumulate_exactly
-from run_helpers import free_port, load_ckpt, run_entry
+from run_helpers import free_port, load_ckpt, read_jsonl, run_entry
 
 GRAD_RTOL = 1e-5   # fp32; only summation order differs
 WEIGHT_RTOL = 1e-2  # after an epoch of Adam, which amplifies rounding in near-zero gradients
@@ -132,21 +133,30 @@ def test_two_ranks_with_accumulation_equal_one_batch(tiny_tokenizer, demo_data, 
     assert _max_rel(got, ref) < 10 * GRAD_RTOL
 
 
-def test_one_epoch_of_accumulation_matches_the_big_batch(demo_data, tmp_path):
-    """Weights after one epoch: batch 16, batch 8 x accum 2, and 2 ranks x 4 x accum 2."""
+@pytest.mark.parametrize("loss", ["clip", "siglip"])
+def test_one_epoch_of_accumulation_matches_the_big_batch(demo_data, tmp_path, loss):
+    """Weights after one epoch: batch 16, batch 8 x accum 2, and 2 ranks x 4 x accum 2; the logged duplicate-
+    caption fraction is that of the global batch (the same in all three), and a fresh SigLIP bias starts at the
+    prior of the global batch of 16 in all three."""
     runs = {"b16": (1, 16, 1), "b8_accum2": (1, 8, 2), "two_ranks_b4_accum2": (2, 4, 2)}
-    finals = {}
+    finals, logs = {}, {}
     for name, (nproc, batch, accum) in runs.items():
         out = str(tmp_path / name)
         run_entry("main_pretrain_cook.py", [
             "--exp_name", "image_text_itc", "--model", "vlmo_tiny_patch16", "--data_path",
             str(demo_data["pairs_train"]), "--tokenizer", str(demo_data["tokenizer"]), "--batch_size", str(batch),
             "--accum_iter", str(accum), "--epochs", "1", "--warmup_epochs", "0", "--lr", "1e-3", "--drop_path", "0",
-            "--num_workers", "0", "--log_freq", "1", "--output_dir", out], nproc=nproc)
+            "--num_workers", "0", "--log_freq", "1", "--itc_loss", loss, "--output_dir", out], nproc=nproc)
         ckpt = load_ckpt(os.path.join(out, "checkpoint-latest.pth"))
         assert ckpt["global_step"] == 3 and ckpt["args"]["effective_batch_size"] == 16
         finals[name] = ckpt["model"]
+        logs[name] = read_jsonl(os.path.join(out, "log.jsonl"), "train")
     ref = finals["b16"]
     moved = {k for k, v in ref.items() if v.is_floating_point()}
     for name in ("b8_accum2", "two_ranks_b4_accum2"):
         assert _max_rel({k: finals[name][k] for k in moved}, {k: ref[k] for k in moved}) < WEIGHT_RTOL, name
+    dups = {name: [r["duplicate_captions"] for r in log] for name, log in logs.items()}
+    assert len(set(map(tuple, dups.values()))) == 1 and max(dups["b16"]) > 0, dups  # the demo repeats captions
+    if loss == "siglip":  # the bias the first step used: the prior -ln(16 - 1)
+        for log in logs.values():
+            assert log[0]["logit_bias"] == pytest.approx(-math.log(15), abs=1e-5)

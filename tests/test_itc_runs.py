@@ -71,11 +71,13 @@ def test_clip_diagnostics_and_evaluation_equal_on_one_and_two_ranks(demo_data, t
     train = read_jsonl(os.path.join(out, "log.jsonl"), "train")
     for r in train:
         assert r["chance_loss"] == pytest.approx(math.log(8)) and 0 <= r["i2t_acc"] <= 1
-        assert {"t2i_acc", "temperature", "duplicate_captions", "itc_loss"} <= set(r)
+        assert {"t2i_acc", "temperature", "duplicate_captions", "itc_loss", "image_spread", "text_spread"} <= set(r)
         assert r["temperature"] <= 100 + 1e-3
     val = read_jsonl(os.path.join(out, "log.jsonl"), "val")
     assert {"i2t_r1", "t2i_r10", "zeroshot_top1"} <= set(val[-1])
     ckpt = os.path.join(out, "checkpoint-latest.pth")
+    # evaluated on the whole image training sees (crop 1.0), recorded for the standalone evaluation below
+    assert load_ckpt(ckpt)["image_preprocess"]["crop_pct"] == 1.0
     results = []
     for nproc in (1, 2):
         dst = str(tmp_path / f"eval{nproc}.json")

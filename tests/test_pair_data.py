@@ -12,7 +12,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from custom_datasets.pair_collator import PairCollator, duplicate_caption_fraction
+from custom_datasets.pair_collator import PairCollator, caption_hashes, duplicate_fraction
 from custom_datasets.pair_dataset import CsvPairDataset, MugePairDataset, build_pair_dataset
 from custom_datasets.wds_pairs import WdsPairDataset
 from util import make_pair_shards, validate_pairs
@@ -163,10 +163,12 @@ def test_keyed_items_and_collated_batches(tmp_path, tokenizer):
     assert batch["images"].shape == (4, 3, 8, 8)
     assert batch["text_ids"].shape == batch["text_masks"].shape and batch["text_ids"].shape[0] == 4
     assert batch["bad"] == [] and batch["index"].tolist() == [0, 1, 2, 3]
-    assert torch.equal(batch["duplicate_caption_fraction"],
-                       duplicate_caption_fraction(batch["text_ids"]))
-    ids = torch.tensor([[5, 6, 0], [7, 8, 9], [5, 6, 0], [5, 6, 0]])
-    assert duplicate_caption_fraction(ids).item() == 0.5
+    assert torch.equal(batch["caption_hash"], caption_hashes(batch["text_ids"], batch["text_masks"]))
+    ids = torch.tensor([[5, 6, 0, 0], [7, 8, 9, 0], [5, 6, 0, 0], [5, 6, 0, 0]])
+    masks = (ids > 0).long()
+    assert duplicate_fraction(caption_hashes(ids, masks)) == 0.5
+    # padding is not part of a caption: the same caption padded to another batch's length hashes alike
+    assert torch.equal(caption_hashes(ids[:1, :2], masks[:1, :2]), caption_hashes(ids[:1], masks[:1]))
 
 
 def test_corrupt_entries_are_replaced_listed_and_validated(tmp_path, tokenizer):

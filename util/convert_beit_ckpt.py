@@ -34,11 +34,11 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 import torch  # noqa: E402
 
-from models.loading import grid_from_buckets  # noqa: E402
+from models.loading import grid_from_buckets, resize_patch_position_embedding  # noqa: E402
 from models.registry import model_config as registry_model_config  # noqa: E402
 from models.registry import backbone_names  # noqa: E402
 from models.relative_position import resize_relative_position_table  # noqa: E402
-from models.vlmo import VLMo  # noqa: E402
+from models.vlmo import POS_EMBED_GAIN, VLMo  # noqa: E402
 from util.checkpoint import extract_state_dict, save_atomic  # noqa: E402
 from util.errors import UserError, run_cli  # noqa: E402
 
@@ -103,7 +103,7 @@ def convert_beit_state_dict(sd: dict[str, torch.Tensor], model_config: dict, *,
     report = {"copied": [], "dropped": [], "created": [], "filled": [], "rel_pos": "none",
               "resized": None, "warnings": []}
     tables: dict[int, torch.Tensor] = {}
-    shared_table = None
+    shared_table = abs_pos = None
 
     def put(name: str, tensor: torch.Tensor, src_key: str) -> None:
         if name not in shapes:
@@ -128,6 +128,8 @@ def convert_beit_state_dict(sd: dict[str, torch.Tensor], model_config: dict, *,
                 put(f"blocks.{m.group(1)}.{name}", tensor, key)
         elif key in shapes:
             put(key, tensor, key)
+        elif key == "pos_embed" and "image_pos_embed" in shapes:
+            abs_pos = tensor
         elif key == "pos_embed":
             report["dropped"].append((key, "absolute position embedding: the model has none"))
             report["warnings"].append("the source uses an absolute position embedding, which the model "
@@ -155,6 +157,17 @@ def convert_beit_state_dict(sd: dict[str, torch.Tensor], model_config: dict, *,
                 report["resized"] = [list(src_grid), list(grid)]
                 table = resize_relative_position_table(table, src_grid, grid)
             put(f"blocks.{i}.{_TABLE}", table, src_key)
+
+    # BEiT's absolute positions [1, 1+N, D] (CLS first): the CLS entry folds into cls_token (both are added to
+    # the same token), the patch entries become image_pos_embed, stored divided by the model's gain.
+    if abs_pos is not None:
+        patches = abs_pos[:, 1:]
+        if patches.shape[1] != shapes["image_pos_embed"][1]:
+            patches = resize_patch_position_embedding(patches, grid)
+            report["resized"] = report["resized"] or "pos_embed"
+        put("image_pos_embed", patches / POS_EMBED_GAIN, "pos_embed")
+        if "cls_token" in out:
+            out["cls_token"] = out["cls_token"] + abs_pos[:, :1]
 
     # No layer scale in the source is the same function as a layer scale of one.
     for i in range(depth):

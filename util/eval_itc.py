@@ -37,6 +37,8 @@ def parse_args(argv):
     p.add_argument("--zeroshot_classnames", default=None)
     p.add_argument("--zeroshot_templates", default=None)
     p.add_argument("--tokenizer", default=None, help="default: the checkpoint's")
+    p.add_argument("--eval_crop_pct", type=float, default=None,
+                   help="centre-crop fraction of the evaluation view; default: the one the run recorded")
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--num_workers", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
@@ -45,6 +47,8 @@ def parse_args(argv):
     args.pin_mem = True
     if not args.val_data_path and not args.zeroshot_data_path:
         raise UserError("give --val_data_path and/or --zeroshot_data_path")
+    if args.eval_crop_pct is not None and not 0.0 < args.eval_crop_pct <= 1.0:
+        raise UserError(f"--eval_crop_pct {args.eval_crop_pct}: a fraction in (0, 1]")
     return args
 
 
@@ -71,7 +75,11 @@ def evaluate_checkpoint(args, argv=None):
     setup_logging(None, env.rank)
     model, ckpt = load_model(args.checkpoint, env.device)
     tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else tokenizer_from_any_state(ckpt["tokenizer"])
-    image_state = ckpt.get("image_preprocess") or image_preprocess_state(model.config["img_size"])
+    image_state = dict(ckpt.get("image_preprocess") or image_preprocess_state(model.config["img_size"], crop_pct=1.0))
+    if args.eval_crop_pct is not None:
+        image_state["crop_pct"] = args.eval_crop_pct
+    LOG.info(f"evaluation view: shorter side resized to {image_state['img_size']} / {image_state['crop_pct']:g}, "
+             f"centre crop {image_state['img_size']}")
     metrics = {}
     if args.val_data_path:
         val = build_pair_dataset(args.val_data_path, build_eval_transform(image_state), flag="--val_data_path",

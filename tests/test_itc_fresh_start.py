@@ -1,0 +1,158 @@
+"""image_text_itc from random initialisation: the pooled embeddings depend on the input at init, a fresh SigLIP
+bias starts at the prior of the global batch, the training view and the evaluation view are the user's to set,
+the console warns when the loss stays at chance, and checkpoints that predate the image position embedding
+still load as they were trained."""
+import argparse
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import util.itc_monitor as itc_monitor
+from custom_datasets.image_dataset import ResizedCropView
+from main_pretrain_cook import parse_args
+from models.contrastive import embedding_spread, siglip_chance_loss, siglip_prior_bias
+from models.loading import load_weights, model_for_resume
+from models.registry import create_model, model_from_config
+from modes.image_text_itc import ImageTextITC
+from util.errors import UserError
+
+
+def test_embedding_spread_is_one_minus_the_mean_offdiagonal_cosine():
+    x = torch.nn.functional.normalize(torch.randn(9, 5), dim=-1)
+    sim = x @ x.t()
+    direct = 1 - (sim.sum() - sim.diagonal().sum()) / (9 * 8)
+    torch.testing.assert_close(embedding_spread(x), direct)
+    assert float(embedding_spread(x[:1].expand(6, -1))) == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("pool", ["cls", "mean"])
+@pytest.mark.parametrize("width,depth", [(64, 2), (128, 4)])
+def test_fresh_pooled_embeddings_depend_on_the_input(pool, width, depth):
+    """The old init (std 0.02, BEiT's rescale, layer scale 0.1) gave a spread of 0.0004 (image) and 0.0000
+    (text) at width 128: a constant CLS embedding, the loss at ln(B) with zero gradient."""
+    torch.manual_seed(0)
+    m = create_model("vlmo_tiny_patch16", embed_dim=width, depth=depth, num_heads=2, img_size=64, patch_size=8,
+                     vocab_size=100, vl_start=depth, itc_pool=pool).eval()
+    images = torch.randn(32, 3, 64, 64)
+    ids = torch.randint(3, 100, (32, 12))
+    ids[:, 0] = 2  # every text starts with the same [CLS] id, as the tokenizer writes it
+    with torch.no_grad():
+        img, txt = m.encode_image(images), m.encode_text(ids, torch.ones_like(ids))
+    assert float(embedding_spread(img)) > 0.05
+    assert float(embedding_spread(txt)) > 0.003
+
+
+def test_siglip_bias_starts_at_the_prior_unless_a_checkpoint_provides_it():
+    mode = ImageTextITC(argparse.Namespace(siglip_bias_init="prior"))
+    m = create_model("vlmo_tiny_patch16", itc_loss="siglip")
+    mode.init_fresh(m, set(), 64)
+    assert float(m.logit_bias.detach()) == pytest.approx(-math.log(63)) == pytest.approx(siglip_prior_bias(64))
+    with torch.no_grad():
+        m.logit_bias.fill_(-3.0)
+    mode.init_fresh(m, {"logit_bias"}, 64)  # loaded (resume, a pretrained ITC checkpoint): kept
+    assert float(m.logit_bias.detach()) == -3.0
+    ImageTextITC(argparse.Namespace(siglip_bias_init=-10.0)).init_fresh(m, set(), 64)
+    assert float(m.logit_bias.detach()) == -10.0
+    clip = create_model("vlmo_tiny_patch16")
+    mode.init_fresh(clip, set(), 64)  # nothing to do for CLIP
+    assert not hasattr(clip, "logit_bias")
+
+
+def test_siglip_prior_is_where_the_bias_gradient_vanishes():
+    """At init the cosines are ~0, so every logit is ~b: the loss' gradient on b is zero at the prior, and the
+    loss there is siglip_chance_loss."""
+    for g in (16, 64, 1024):
+        b = torch.tensor(siglip_prior_bias(g), dtype=torch.float64, requires_grad=True)
+        signs = -torch.ones(g, dtype=torch.float64)
+        signs[0] = 1
+        loss = -torch.nn.functional.logsigmoid(signs * b).sum()
+        loss.backward()
+        assert abs(float(b.grad)) < 1e-9
+        assert float(loss) == pytest.approx(siglip_chance_loss(g))
+
+
+def _itc_args(demo_data, *extra):
+    return parse_args(["--exp_name", "image_text_itc", "--data_path", str(demo_data["pairs_train"]), *extra])
+
+
+def test_itc_defaults_and_flag_checks(demo_data):
+    args = _itc_args(demo_data)
+    assert args.clip_grad == 1.0 and args.itc_flip_prob == 0.0 and args.siglip_bias_init == "prior"
+    assert _itc_args(demo_data, "--clip_grad", "0").clip_grad == 0.0  # off, as asked
+    assert _itc_args(demo_data, "--siglip_bias_init", "-10").siglip_bias_init == -10.0
+    mlm = parse_args(["--exp_name", "text_mlm", "--data_path", str(demo_data["captions_train"])])
+    assert mlm.clip_grad is None
+    for flag, value in (("--itc_flip_prob", "1.5"), ("--itc_crop_min_scale", "0"), ("--siglip_bias_init", "x"),
+                        ("--eval_crop_pct", "1.2")):
+        with pytest.raises(UserError, match=flag):
+            _itc_args(demo_data, flag, value)
+
+
+def test_crop_view_flips_only_with_its_probability():
+    pixels = np.zeros((16, 16, 3), dtype=np.uint8)
+    pixels[:, :4] = 255  # bright left edge: a flip moves it right
+    img, rng = Image.fromarray(pixels), np.random.default_rng(0)
+    never = ResizedCropView(16, [0.5] * 3, [0.5] * 3, scale=(1.0, 1.0), hflip=0.0)
+    always = ResizedCropView(16, [0.5] * 3, [0.5] * 3, scale=(1.0, 1.0), hflip=1.0)
+    for _ in range(5):
+        a, b = never(img, rng), always(img, rng)
+        assert a[:, :, 0].mean() > a[:, :, -1].mean() and b[:, :, -1].mean() > b[:, :, 0].mean()
+        torch.testing.assert_close(a.flip(-1), b)
+
+
+def test_stuck_warning_once_per_stretch_with_the_spread(monkeypatch):
+    lines = []
+    monkeypatch.setattr(itc_monitor.LOG, "warning", lines.append)
+    mon = itc_monitor.ContrastiveMonitor()
+    chance = torch.tensor(math.log(64))
+    stats = {"chance_loss": float(chance), "image_spread": 0.0002, "text_spread": 0.0}
+
+    def steps(n, loss):
+        for _ in range(n):
+            mon.observe([{}], {"itc_loss": torch.tensor(loss), "chance_loss": chance})
+
+    steps(99, float(chance) * 1.005)
+    mon.report(dict(stats), 99)
+    assert lines == []  # 99 steps: not yet
+    steps(1, float(chance))
+    mon.report(dict(stats), 100)
+    assert len(lines) == 1 and "100 steps" in lines[0] and "image 0.0002" in lines[0] and "--itc_pool" in lines[0]
+    steps(50, float(chance))
+    mon.report(dict(stats), 150)
+    assert len(lines) == 1  # one line per stuck stretch
+    steps(1, float(chance) * 0.9)  # left chance
+    mon.report(dict(stats), 151)
+    steps(100, float(chance))
+    mon.report(dict(stats), 251)
+    assert len(lines) == 2
+
+
+def test_duplicate_fraction_is_over_the_window_of_global_batches():
+    mon = itc_monitor.ContrastiveMonitor()
+    chance = torch.tensor(1.0)
+    for hashes in ([1, 2, 3, 4], [5, 5, 5, 6]):  # 0 and 2/4 duplicates
+        mon.observe([{"caption_hash": torch.tensor(hashes[:2])}, {"caption_hash": torch.tensor(hashes[2:])}],
+                    {"itc_loss": chance, "chance_loss": chance})
+    stats = {}
+    mon.report(stats, 2)
+    assert stats["duplicate_captions"] == pytest.approx(0.25)
+
+
+def test_image_position_embedding_is_zero_at_init_resized_and_absent_from_older_checkpoints(tmp_path):
+    m = create_model("vlmo_tiny_patch16")
+    assert m.image_pos_embed.shape == (1, 4, 64) and not m.image_pos_embed.any()
+    with torch.no_grad():
+        m.image_pos_embed.normal_()
+    bigger = create_model("vlmo_tiny_patch16", img_size=64)
+    report = load_weights(bigger, m.state_dict(), "ckpt.pth", ckpt_config=m.config)
+    assert "image_pos_embed" in report["resized"] and bigger.image_pos_embed.shape == (1, 16, 64)
+    old = create_model("vlmo_tiny_patch16", image_pos_embed=False)
+    legacy = {k: v for k, v in old.config.items() if k != "image_pos_embed"}  # written before the key existed
+    rebuilt = model_from_config(legacy)
+    assert rebuilt.image_pos_embed is None
+    rebuilt.load_state_dict(old.state_dict())  # strict
+    resumed = model_for_resume(legacy, "vlmo_tiny_patch16", {}, "old.pth")
+    resumed.load_state_dict(old.state_dict())
