@@ -20,6 +20,7 @@ Example (2 layers x 64 wide, patch 16, 64 px, batch 64, 330 steps; about a minut
   OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_itc_learning.py --pool cls --loss clip --seeds 0 1 2
 """
 import argparse
+import json
 import math
 import os
 import sys
@@ -87,7 +88,7 @@ def build_ours(a, vocab_size, max_len):
                          embed_dim=a.width, itc_loss=a.loss, img_size=a.img_size, vocab_size=vocab_size,
                          max_text_len=max_len,
                          image_tower_kwargs=dict(patch_size=a.patch, embed_dim=a.width, depth=a.depth,
-                                                 num_heads=a.heads),
+                                                 num_heads=a.heads, **json.loads(a.image_tower_kwargs)),
                          text_tower_kwargs=dict(width=a.width, depth=a.depth, heads=a.heads))
     else:
         m = create_model("vlmo_tiny_patch16", embed_dim=a.width, depth=a.depth, num_heads=a.heads,
@@ -263,6 +264,7 @@ def main():
                    help="open_clip's SigLIP bias init (the paper's -10)")
     p.add_argument("--layer_scale_init", type=float, default=None,
                    help="ours (multiway model): layer scale init override (default: the registry's)")
+    p.add_argument("--image_tower_kwargs", default="{}", help="dual_encoder: extra timm kwargs (JSON)")
     p.add_argument("--skip_open_clip", action="store_true", help="train ours only (quick experiments)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--log_every", type=int, default=0)
