@@ -16,13 +16,14 @@ from typing import Callable, Optional
 import torch
 
 from util import dist as du
-from util.errors import NonFiniteLoss
+from util.errors import NonFiniteLoss, Preempted
 from util.evaluation import gather_items
 from util.logger import LOG, MetricWindow, format_duration, peak_memory_gb
 from util.lr_sched import lr_at_step, set_lr
 from util.run_common import autocast_context, batch_to_device, optimizer_step
 
-__all__ = ["NonFiniteLoss", "RunConfig", "Trainer", "run_config", "accumulate_gradients", "evaluate", "train_one_epoch"]
+__all__ = ["NonFiniteLoss", "RunConfig", "Trainer", "run_config", "accumulate_gradients", "evaluate", "train_one_epoch",
+           "stop_for_preemption"]
 
 
 @dataclass(kw_only=True)
@@ -64,6 +65,7 @@ class Trainer:
     cfg: RunConfig
     post_step: Optional[Callable] = None
     monitor: object = None
+    preemption: object = None     # util.preemption.PreemptionWatch: checked (all ranks agree) after every step
     checkpointer: object = None
     run_log: object = None
     bad_samples: Optional[Callable] = None
@@ -147,8 +149,26 @@ def train_one_epoch(trainer, loader, epoch, start_step, global_step):
                                     "was written after it. Lower --blr, set --clip_grad, or check the data.")
             timer.reset()
         if trainer.checkpointer is not None:
-            trainer.checkpointer.after_step(epoch, step + 1, global_step, log_now)
+            with _holding(trainer):
+                trainer.checkpointer.after_step(epoch, step + 1, global_step, log_now)
+        if trainer.preemption is not None and trainer.preemption.pending():
+            stop_for_preemption(trainer, epoch, step + 1, global_step)
     return global_step
+
+
+def _holding(trainer):
+    """No preemption deadline during a save (see util.preemption)."""
+    return trainer.preemption.holding() if trainer.preemption is not None else contextlib.nullcontext()
+
+
+def stop_for_preemption(trainer, epoch, step_in_epoch, global_step, saved=False):
+    """Every rank: write the checkpoint of this position together (unless `saved`), then raise Preempted."""
+    if trainer.checkpointer is not None and not saved:
+        with _holding(trainer):
+            trainer.checkpointer.save(epoch, step_in_epoch, global_step)
+    what = trainer.preemption.received or "a signal received by another rank"
+    raise Preempted(f"{what}: checkpoint-latest.pth holds global step {global_step}; the same command (or "
+                    "--resume auto) continues from it")
 
 
 class _StepTimer:

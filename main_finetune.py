@@ -6,14 +6,13 @@
 import argparse
 import json
 import os
-import shutil
 import sys
 import time
 
 import torch
 
 from custom_datasets.finetune_data import resolve_image_preprocess, resolve_tokenizer
-from engine_pretrain import Trainer, evaluate, run_config, train_one_epoch
+from engine_pretrain import stop_for_preemption, Trainer, evaluate, run_config, train_one_epoch
 from models.loading import check_architecture
 from models.registry import backbone_names, create_model, model_config, recorded_config
 from models.vlmo import ITC_LOSSES
@@ -21,17 +20,19 @@ from tasks import all_tasks, get_task, task_names
 from tasks.base import (GLOBAL_POOLS, FinetuneModel, WeightEma, discard_pretraining_heads, load_backbone_weights,
                         set_trainable)
 from util.bad_samples import BadSampleLog
-from util.checkpoint import LATEST, extract_state_dict, is_training_checkpoint, latest_in, load_file
-from util.checkpointer import Checkpointer, NonFiniteCheckpoint
+from util.checkpoint import (LATEST, copy_atomic, extract_state_dict, is_training_checkpoint, latest_in, load_file,
+                              written_by_rank0)
+from util.checkpointer import Checkpointer
 from util.config import add_optimizer_args, add_run_args, make_parser, parse_with_config, write_args_json
 from util.errors import NonFiniteLoss, UserError
 from util.evaluation import EvalSet
 from util.layer_decay import layer_decay_scale
 from util.logger import LOG, RunLog
 from util.optim_factory import build_adamw
+from util.preemption import PreemptionWatch
 from util.resume import ResumePlan, plan_resume
 from util.run_common import (RunPosition, wrap_ddp, autocast_setup, entry_point, load_full_state, log_trainable,
-                             resolve_batch_and_lr, restore_training_state, start_run, training_state)
+                             resolve_batch_and_lr, restore_training_state, start_run, training_state, adapt_to_world_size)
 
 DEFAULT_TOKENIZER = "checkpoints/tokenizer/"
 DEFAULT_MODEL = "vlmo_base_patch16"
@@ -215,8 +216,11 @@ def main(argv=None):
 
 def run(args, argv):
     env = start_run(args, resolve_run_args, "console_eval.log" if args.eval else "console.log")
+    watch = PreemptionWatch().install()
     task_cls = get_task(args.task)
     start = find_start(args)
+    if start.kind == "train" and not args.eval:
+        adapt_to_world_size(args, start.ckpt, start.path)
     LOG.info(f"task {args.task} | {env.world_size} process(es) via {env.launcher} on {env.device} | "
              f"effective batch {args.effective_batch_size} | lr {args.lr:.3e} | {start.reason}")
     ckpt = start.ckpt or {}
@@ -250,7 +254,7 @@ def run(args, argv):
     ema = WeightEma(model, args.ema_decay) if args.ema else None
     pos, best = RunPosition(), {"value": None, "epoch": None}
     if start.kind == "train":
-        pos = restore_training_state(ckpt, optimizer, scaler, env.rank)
+        pos = restore_training_state(ckpt, optimizer, scaler, env.rank, env.world_size, args.seed)
         if ema is not None and ckpt.get("model_ema") is not None:
             ema.load_state_dict(ckpt["model_ema"])
         best = {"value": ckpt.get("best_metric"), "epoch": ckpt.get("best_epoch")}
@@ -279,6 +283,7 @@ def run(args, argv):
                       run_log=RunLog(args.output_dir, args.log_dir, env.is_main),
                       checkpointer=Checkpointer(args.output_dir, build_state, env.device, args.save_per_epochs,
                                                 args.save_every_steps, args.save_every_minutes),
+                      preemption=watch,
                       bad_samples=BadSampleLog(args.output_dir, env.rank))
     if pos.epoch >= args.epochs:
         LOG.info(f"nothing to do: the checkpoint is at epoch {pos.epoch} of {args.epochs}")
@@ -290,22 +295,22 @@ def run(args, argv):
             data.train_sampler.set_epoch(epoch, start=start_step * args.accum_iter * args.batch_size)
             global_step = train_one_epoch(trainer, data.train_loader, epoch, start_step, global_step)
             start_step = 0
-            stats = evaluate_all(model, ema, data, cfg.device, cfg.autocast_dtype)
-            LOG.info(f"evaluation after epoch {epoch + 1} ({data.num_val} items): " + _fmt(stats))
-            trainer.run_log.write({"epoch": epoch + 1, **stats}, global_step, prefix="val")
-            if not all(_finite(v) for v in stats.values()):
-                raise NonFiniteLoss(f"non-finite evaluation metrics after epoch {epoch + 1}: {stats}")
-            improved = best["value"] is None or stats[task.main_metric] > best["value"]
-            if improved:
-                best = {"value": stats[task.main_metric], "epoch": epoch + 1}
-            trainer.checkpointer.end_of_epoch(epoch, args.epochs, global_step)
-            if improved and env.is_main:
-                _copy_atomic(os.path.join(args.output_dir, LATEST), os.path.join(args.output_dir, BEST))
-                LOG.info(f"new best {task.main_metric} {best['value']:.4f}: saved {BEST}")
-    except (NonFiniteLoss, NonFiniteCheckpoint) as e:
-        LOG.error(f"stopping: {e}")
-        raise SystemExit(3) from None
+            with watch.holding():  # evaluation and the saves run to their end, a signal waits for them
+                stats = evaluate_all(model, ema, data, cfg.device, cfg.autocast_dtype)
+                LOG.info(f"evaluation after epoch {epoch + 1} ({data.num_val} items): " + _fmt(stats))
+                trainer.run_log.write({"epoch": epoch + 1, **stats}, global_step, prefix="val")
+                if not all(_finite(v) for v in stats.values()):
+                    raise NonFiniteLoss(f"non-finite evaluation metrics after epoch {epoch + 1}: {stats}")
+                improved = best["value"] is None or stats[task.main_metric] > best["value"]
+                if improved:
+                    best = {"value": stats[task.main_metric], "epoch": epoch + 1}
+                trainer.checkpointer.end_of_epoch(epoch, args.epochs, global_step)
+                if improved:
+                    written_by_rank0(lambda: copy_best(args.output_dir, task.main_metric, best["value"]), env.device)
+            if epoch + 1 < args.epochs and watch.pending():
+                stop_for_preemption(trainer, epoch + 1, 0, global_step, saved=True)
     finally:
+        watch.finish()
         trainer.run_log.close()
     if best["value"] is not None:
         LOG.info(f"best {task.main_metric} {best['value']:.4f} after epoch {best['epoch']}")
@@ -359,9 +364,9 @@ def run_eval(args, env, model, data, start, autocast_dtype, argv):
     return 0
 
 
-def _copy_atomic(src, dst):
-    shutil.copyfile(src, f"{dst}.tmp")
-    os.replace(f"{dst}.tmp", dst)
+def copy_best(output_dir, metric, value):
+    copy_atomic(os.path.join(output_dir, LATEST), os.path.join(output_dir, BEST))
+    LOG.info(f"new best {metric} {value:.4f}: saved {BEST}")
 
 
 def _finite(v):

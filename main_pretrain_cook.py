@@ -11,21 +11,22 @@ import torch
 from custom_datasets.hf_tokenizer import HFTokenizer, tokenizer_from_any_state
 from custom_datasets.image_dataset import IMAGE_NORMS, inherit_image_state
 from custom_datasets.tokenizer import load_tokenizer
-from engine_pretrain import Trainer, evaluate, run_config, train_one_epoch
+from engine_pretrain import stop_for_preemption, Trainer, evaluate, run_config, train_one_epoch
 from models.loading import load_weights, model_for_resume
 from models.registry import DUAL_ENCODER, check_overrides, create_model, model_config, model_names, model_options
 from models.trainable import configure_trainable
 from modes import all_modes, get_mode, mode_names
 from modes.base import PretrainModel
 from util.bad_samples import BadSampleLog
-from util.checkpointer import Checkpointer, NonFiniteCheckpoint
+from util.checkpointer import Checkpointer
 from util.config import add_optimizer_args, add_run_args, json_mapping, make_parser, parse_with_config, write_args_json
 from util.errors import NonFiniteLoss, UserError
 from util.logger import LOG, RunLog
 from util.optim_factory import build_adamw
+from util.preemption import PreemptionWatch
 from util.resume import plan_resume
 from util.run_common import (RunPosition, wrap_ddp, autocast_setup, entry_point, load_full_state, log_trainable,
-                             resolve_batch_and_lr, restore_training_state, start_run, training_state)
+                             resolve_batch_and_lr, restore_training_state, start_run, training_state, adapt_to_world_size)
 
 DEFAULT_TOKENIZER = "checkpoints/tokenizer/"
 
@@ -221,11 +222,14 @@ def main(argv=None):
 
 def run(args, argv):
     env = start_run(args, resolve_run_args)
+    watch = PreemptionWatch().install()
     LOG.info(f"mode {args.mode} | model {args.model} ({args.ffn_layout}) | {env.world_size} process(es) via "
              f"{env.launcher} on {env.device} | effective batch {args.effective_batch_size} | lr {args.lr:.3e}")
     torch.manual_seed(args.seed + env.rank)
     plan = plan_resume(args.output_dir, args.resume, args.mode)
     LOG.info(plan.reason)
+    if plan.kind == "train":
+        adapt_to_world_size(args, plan.ckpt, plan.path)
     mode = get_mode(args.mode)(args)
     tokenizer = load_run_tokenizer(args, plan)
     mode.setup(env.device)
@@ -250,7 +254,7 @@ def run(args, argv):
     model = PretrainModel(backbone, mode).to(env.device)
     optimizer = build_adamw(backbone, args.lr, args.weight_decay, tuple(args.opt_betas))
     autocast_dtype, scaler = autocast_setup(args.precision, env.device)
-    pos = restore_training_state(plan.ckpt, optimizer, scaler, env.rank) if plan.kind == "train" else RunPosition()
+    pos = restore_training_state(plan.ckpt, optimizer, scaler, env.rank, env.world_size, args.seed) if plan.kind == "train" else RunPosition()
     ddp = wrap_ddp(model, env)
     cfg = run_config(args, env.device, steps_per_epoch, autocast_dtype)
     if env.is_main:
@@ -270,6 +274,7 @@ def run(args, argv):
                       post_step=mode.post_step(backbone), monitor=mode.monitor(), run_log=RunLog(args.output_dir, args.log_dir, env.is_main),
                       checkpointer=Checkpointer(args.output_dir, build_state, env.device, args.save_per_epochs,
                                                 args.save_every_steps, args.save_every_minutes),
+                      preemption=watch,
                       bad_samples=BadSampleLog(args.output_dir, env.rank))
     eval_sets = mode.eval_sets(data, tokenizer, image_state, env.rank, env.world_size)
     if pos.epoch >= args.epochs:
@@ -284,13 +289,14 @@ def run(args, argv):
             data.train_sampler.set_epoch(epoch, start=start_step * args.accum_iter * args.batch_size)
             global_step = train_one_epoch(trainer, data.train_loader, epoch, start_step, global_step)
             start_step = 0
-            if eval_sets:
-                held_out(eval_sets, backbone, cfg, epoch + 1, global_step, trainer.run_log)
-            trainer.checkpointer.end_of_epoch(epoch, args.epochs, global_step)
-    except (NonFiniteLoss, NonFiniteCheckpoint) as e:
-        LOG.error(f"stopping: {e}")
-        raise SystemExit(3) from None
+            with watch.holding():  # evaluation and the save run to their end, a signal waits for them
+                if eval_sets:
+                    held_out(eval_sets, backbone, cfg, epoch + 1, global_step, trainer.run_log)
+                trainer.checkpointer.end_of_epoch(epoch, args.epochs, global_step)
+            if epoch + 1 < args.epochs and watch.pending():
+                stop_for_preemption(trainer, epoch + 1, 0, global_step, saved=True)
     finally:
+        watch.finish()
         trainer.run_log.close()
     if args.save_merged_lora_model and args.lora_rank > 0 and env.is_main:
         from util.merge_lora import write_merged

@@ -4,6 +4,7 @@ from torch.utils.data import DataLoader
 
 from custom_datasets.sampler import KeyedDistributedSampler, ShardedEvalSampler
 from util.errors import UserError
+from util.preemption import ignore_stop_signals
 
 
 def train_loader(dataset, collate_fn, batch_size, rank, world_size, seed, num_workers, pin_memory, flag):
@@ -18,7 +19,7 @@ def train_loader(dataset, collate_fn, batch_size, rank, world_size, seed, num_wo
                         # Own generator: worker seeding must not consume the model's RNG stream, or a
                         # resumed run (which creates its iterator at another point) would diverge.
                         generator=torch.Generator().manual_seed(seed),
-                        prefetch_factor=4 if num_workers > 0 else None)
+                        prefetch_factor=4 if num_workers > 0 else None, worker_init_fn=ignore_stop_signals)
     return loader, sampler
 
 
@@ -27,7 +28,8 @@ def eval_loader(dataset, collate_fn, batch_size, rank, world_size, num_workers, 
     sampler = ShardedEvalSampler(len(dataset), world_size, rank)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn,
                       num_workers=num_workers, pin_memory=pin_memory and torch.cuda.is_available(),
-                      drop_last=False, persistent_workers=num_workers > 0, generator=torch.Generator())
+                      drop_last=False, persistent_workers=num_workers > 0, generator=torch.Generator(),
+                      worker_init_fn=ignore_stop_signals)
 
 
 def batches_per_epoch(sampler, batch_size):

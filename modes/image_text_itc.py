@@ -47,6 +47,7 @@ from util.errors import UserError
 from util.itc_eval import retrieval_set, zero_shot_set
 from util.itc_monitor import ContrastiveMonitor
 from util.logger import LOG
+from util.preemption import ignore_stop_signals
 from util.retrieval_metrics import read_classnames, read_templates
 from util.run_common import autocast_context
 
@@ -132,7 +133,7 @@ class ImageTextITC(PretrainMode):
         if is_shard_path(a.data_path):
             loader = DataLoader(train_set, batch_size=a.batch_size, collate_fn=collate, num_workers=a.num_workers,
                                 pin_memory=a.pin_mem and torch.cuda.is_available(),
-                                persistent_workers=a.num_workers > 0)
+                                persistent_workers=a.num_workers > 0, worker_init_fn=ignore_stop_signals)
             sampler, steps = _ShardEpochs(train_set, a.batch_size), train_set.steps_per_epoch
             num_train = steps * a.batch_size * world_size
         else:

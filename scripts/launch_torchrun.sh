@@ -10,6 +10,9 @@
 #                   standalone rendezvous on a free local port)
 #   RDZV_ID         rendezvous id shared by the nodes of one job (default: $SLURM_JOB_ID, else "vlmo")
 #   TORCHRUN        the torchrun executable (default: .venv/bin/torchrun if present, else torchrun)
+#   SHUTDOWN_TIMEOUT  seconds torchrun lets the workers save after SIGTERM/SIGINT/SIGUSR1 before SIGKILL
+#                   (default 240; keep it below the sbatch's --signal lead time, 300 s)
+#   MAX_RESTARTS    torchrun --max-restarts (default 0): a restart resumes from the output folder's checkpoint
 
 launch_pretrain() {
   local nproc=${NPROC_PER_NODE:-}
@@ -30,6 +33,9 @@ launch_pretrain() {
     rdzv=(--nnodes "$nnodes" --node_rank "${NODE_RANK:-0}" --rdzv_backend c10d
           --rdzv_endpoint "$MASTER_ADDR:${MASTER_PORT:-29500}" --rdzv_id "${RDZV_ID:-${SLURM_JOB_ID:-vlmo}}")
   fi
-  echo "[launch] $torchrun ${rdzv[*]} --nproc_per_node $nproc main_pretrain_cook.py $*"
-  "$torchrun" "${rdzv[@]}" --nproc_per_node "$nproc" main_pretrain_cook.py "$@"
+  # torchrun passes these signals on to every worker, which finish the step, save together and exit 75
+  local -a signals=(--signals-to-handle SIGTERM,SIGINT,SIGUSR1 --shutdown-timeout "${SHUTDOWN_TIMEOUT:-240}"
+                    --max-restarts "${MAX_RESTARTS:-0}")
+  echo "[launch] $torchrun ${rdzv[*]} ${signals[*]} --nproc_per_node $nproc main_pretrain_cook.py $*"
+  "$torchrun" "${rdzv[@]}" "${signals[@]}" --nproc_per_node "$nproc" main_pretrain_cook.py "$@"
 }

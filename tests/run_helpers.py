@@ -27,24 +27,47 @@ def child_env(**extra):
     return env
 
 
-def command(script, args, nproc=1):
-    if nproc == 1:
+def command(script, args, nproc=1, launcher=()):
+    if nproc == 1 and not launcher:
         return [sys.executable, os.path.join(REPO, script), *args]
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-            f"--master_port={free_port()}", os.path.join(REPO, script), *args]
+    rendezvous = [] if "--standalone" in launcher else ["--master_addr=127.0.0.1", f"--master_port={free_port()}"]
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", *rendezvous, *launcher,
+            os.path.join(REPO, script), *args]
 
 
-def run_entry(script, args, nproc=1, timeout=300, check=True):
-    proc = subprocess.run(command(script, args, nproc), cwd=REPO, env=child_env(), capture_output=True, text=True,
-                          timeout=timeout)
+def run_entry(script, args, nproc=1, timeout=300, check=True, launcher=(), preexec_fn=None):
+    proc = subprocess.run(command(script, args, nproc, launcher), cwd=REPO, env=child_env(), capture_output=True,
+                          text=True, timeout=timeout, preexec_fn=preexec_fn)
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc
 
 
-def start_entry(script, args, nproc=1):
-    return subprocess.Popen(command(script, args, nproc), cwd=REPO, env=child_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+def start_entry(script, args, nproc=1, launcher=()):
+    return subprocess.Popen(command(script, args, nproc, launcher), cwd=REPO, env=child_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def wait_for(proc, predicate, timeout=300, poll=0.005):
+    """True as soon as predicate() holds while `proc` runs; False if it ended first."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(poll)
+    os.killpg(proc.pid, signal.SIGKILL)
+    raise AssertionError("timed out waiting for the run")
+
+
+def logged_steps(out):
+    """Training records in out/log.jsonl so far (0 while it does not exist)."""
+    path = os.path.join(out, "log.jsonl")
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        return sum('"split": "train"' in line for line in f)
 
 
 def kill_when(proc, predicate, timeout=300, poll=0.005):

@@ -11,11 +11,12 @@ import time
 import torch
 
 from util import dist as du
-from util.checkpoint import LATEST, rng_state, save_atomic
+from util.checkpoint import LATEST, rng_state, save_atomic, written_by_rank0
+from util.errors import NonFiniteLoss
 from util.logger import LOG
 
 
-class NonFiniteCheckpoint(RuntimeError):
+class NonFiniteCheckpoint(NonFiniteLoss):
     pass
 
 
@@ -50,7 +51,8 @@ class Checkpointer:
                 f"a non-finite loss occurred before global step {global_step}; not writing a checkpoint over the "
                 "last good one. Lower --blr, set --clip_grad, or check the data, then resume with --resume auto.")
         rngs = du.all_gather_objects(rng_state())
-        if du.rank() == 0:
+
+        def write():
             state = self.build_state(epoch, step_in_epoch, global_step)
             state["rng"] = rngs
             save_atomic(state, os.path.join(self.output_dir, LATEST))
@@ -59,4 +61,6 @@ class Checkpointer:
                 save_atomic(state, os.path.join(self.output_dir, keep_name))
                 where += f" and {keep_name}"
             LOG.info(f"saved {where} (epoch {epoch}, step {step_in_epoch} of the epoch, global step {global_step})")
+
+        written_by_rank0(write, self.device)
         self.last_save = time.monotonic()

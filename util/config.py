@@ -98,9 +98,17 @@ def write_args_json(path, args, argv, world_size, extra=None):
     record = {"args": vars(args), "argv": list(sys.argv if argv is None else argv), "world_size": world_size,
               "git_commit": git_commit(), "versions": library_versions(), **(extra or {})}
     tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(record, f, indent=2, default=str)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(record, f, indent=2, default=str)
+        os.replace(tmp, path)
+    except OSError as e:
+        from util.checkpoint import failure_reason
+        from util.errors import WriteFailed
+
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise WriteFailed(f"{failure_reason(e)} writing {path}") from None
 
 
 def plain_args(d):

@@ -97,6 +97,15 @@ def all_gather_objects(obj):
     return out
 
 
+def broadcast_object(obj):
+    """Rank 0's picklable `obj`, on every rank."""
+    if not is_dist():
+        return obj
+    box = [obj if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def broadcast_flag(flag, device):
     """Rank 0's boolean, on every rank (decisions that must not diverge, like time-triggered saves)."""
     if not is_dist():

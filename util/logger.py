@@ -78,8 +78,21 @@ class RunLog:
                 if isinstance(v, (int, float)) and k not in ("epoch", "step", "global_step"):
                     self.writer.add_scalar(f"{prefix}/{k}", v, step)
         if self.jsonl:
-            with open(self.jsonl, "a") as f:
-                f.write(json.dumps({"split": prefix, "global_step": step, **record, "time": time.time()}) + "\n")
+            line = json.dumps({"split": prefix, "global_step": step, **record, "time": time.time()}) + "\n"
+            try:
+                with open(self.jsonl, "a") as f:
+                    start = f.tell()
+                    try:
+                        f.write(line)
+                        f.flush()
+                    except OSError:
+                        f.truncate(start)  # no half record left behind
+                        raise
+            except OSError as e:
+                from util.checkpoint import failure_reason
+                LOG.error(f"{failure_reason(e)} writing {self.jsonl}: it stops here (its last record is whole); "
+                          "training goes on, and a checkpoint that cannot be written stops the run (exit 4)")
+                self.jsonl = None
 
     def close(self):
         if self.writer is not None:

@@ -1,10 +1,24 @@
 """Which checkpoint a run starts from: its own latest (requeue), an explicit training checkpoint, or
 weights-only initialisation. A training checkpoint in the output folder always wins, so a requeued job
-continues instead of restarting from the weights named by `--resume`."""
+continues instead of restarting from the weights named by `--resume`.
+
+The run's own checkpoints are tried newest first: `checkpoint-latest.pth`, then the kept
+`checkpoint-<epoch>.pth` copies ordered by the `global_step` stored inside. One that cannot be read or
+fails its checksum is skipped with one line saying which and why; rank 0 reads and verifies, every rank
+then loads the file it chose (the others would only repeat the checksum).
+"""
+import os
+import re
 from dataclasses import dataclass
 
-from util.checkpoint import extract_state_dict, is_training_checkpoint, latest_in, load_file
+import torch
+
+from util import dist as du
+from util.checkpoint import CorruptCheckpoint, extract_state_dict, is_training_checkpoint, latest_in, load_file
 from util.errors import UserError
+from util.logger import LOG
+
+_KEPT = re.compile(r"^checkpoint-(\d+)\.pth$")
 
 
 @dataclass
@@ -19,13 +33,63 @@ class ResumePlan:
         return extract_state_dict(self.ckpt) if self.ckpt is not None else None
 
 
+def _stored_step(path):
+    """The global_step a kept checkpoint holds (read lazily: tensors are memory-mapped, not loaded)."""
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+    except Exception:  # noqa: BLE001 - unreadable: tried last, and skipped with its reason then
+        return -1
+
+
+def own_candidates(output_dir):
+    """The run's training checkpoints in the order they are tried: latest, then kept copies by stored step."""
+    kept = [os.path.join(output_dir, n) for n in os.listdir(output_dir) if _KEPT.match(n)]
+    kept.sort(key=lambda p: (_stored_step(p), p), reverse=True)
+    latest = latest_in(output_dir)
+    return ([latest] if latest else []) + kept
+
+
+def _choose_own(output_dir):
+    """(rank 0) (path, checkpoint) of the newest readable, verified checkpoint of the run (or None, None),
+    and the skipped ones with their reasons."""
+    skipped = []
+    for path in own_candidates(output_dir):
+        try:
+            ckpt = load_file(path, "--output_dir")
+        except CorruptCheckpoint as e:
+            skipped.append((path, str(e)))
+            continue
+        if not is_training_checkpoint(ckpt):
+            skipped.append((path, "not a training checkpoint"))
+            continue
+        return path, ckpt, skipped
+    return None, None, skipped
+
+
+def load_own(output_dir):
+    """(path, checkpoint) of the run's own checkpoint to continue, or (None, None) when it has none."""
+    if not output_dir or not os.path.isdir(output_dir) or not own_candidates(output_dir):
+        return None, None
+    path, ckpt, skipped = _choose_own(output_dir) if du.rank() == 0 else (None, None, None)
+    path, skipped = du.broadcast_object((path, skipped))
+    for bad, why in skipped:
+        LOG.warning(f"skipping {bad}: {why}" + (f"; falling back to {path}" if path else ""))
+    if path is None:
+        raise UserError(f"--output_dir {output_dir}: no readable training checkpoint "
+                        f"({'; '.join(why for _, why in skipped)}); restore one, or move the folder away to "
+                        "start fresh")
+    if ckpt is None:  # ranks other than 0: the file rank 0 verified
+        ckpt = load_file(path, "--output_dir", verify=False)
+    return path, ckpt
+
+
 def plan_resume(output_dir, resume, mode):
-    """Decide and load (weights_only) the checkpoint a run starts from."""
-    own = latest_in(output_dir) if output_dir else None
+    """Decide and load (weights_only, checksum verified) the checkpoint a run starts from."""
+    own, ckpt = load_own(output_dir)
     if own:
-        ckpt = load_file(own, "--output_dir")
         note = f" (takes precedence over --resume {resume})" if resume and resume != "auto" else ""
-        return ResumePlan("train", own, ckpt, f"resuming this run from {own}{note}")
+        return ResumePlan("train", own, ckpt, f"resuming this run from {own} (global step {ckpt['global_step']})"
+                                              f"{note}")
     if not resume:
         return ResumePlan("none")
     if resume == "auto":

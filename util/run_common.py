@@ -1,13 +1,14 @@
 """Pieces every entry point and training loop share: precision setup, the trainable-parameter report, the
 optimizer step, run start, the training-checkpoint contents, restoring a resumed run's optimizer state, and
-the `main()` wrapper that turns a UserError into one line and exit code 2."""
+the `main()` wrapper that turns each kind of stop into one line and its exit code (util/errors.py)."""
 import sys
 from dataclasses import dataclass
 
 import torch
 
 from util import dist as du
-from util.errors import UserError
+from util.errors import (EXIT_NONFINITE, EXIT_PREEMPTED, EXIT_SAVE_FAILED, EXIT_USER_ERROR, NonFiniteLoss, Preempted,
+                         UserError, WriteFailed)
 from util.logger import LOG
 
 
@@ -66,19 +67,31 @@ def resolve_batch_and_lr(args, world_size):
     """World size, effective batch (per-process batch x accumulation x ranks) and lr = blr * batch / 256."""
     args.world_size = world_size
     args.effective_batch_size = args.batch_size * args.accum_iter * world_size
+    args.lr_from_blr = args.lr is None
     if args.lr is None:
         args.lr = args.blr * args.effective_batch_size / 256
     return args
 
 
 def entry_point(parse_args, run, argv):
-    """Parse and run; a UserError (bad flag, file or format) prints `error: ...` and exits 2, no traceback."""
+    """Parse and run; each way a run stops becomes one line and its exit code (util/errors.py): a UserError
+    (bad flag, file or format) `error: ...` and 2, a non-finite loss 3, a failed write 4, a preemption 75."""
     try:
         args = parse_args(argv)
         return run(args, argv)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
+        raise SystemExit(EXIT_USER_ERROR) from None
+    except NonFiniteLoss as e:
+        LOG.error(f"stopping: {e}")
+        raise SystemExit(EXIT_NONFINITE) from None
+    except WriteFailed as e:
+        LOG.error(f"stopping: {e}. Free space (or raise the quota), then run the same command again: it resumes "
+                  "from the last checkpoint written")
+        raise SystemExit(EXIT_SAVE_FAILED) from None
+    except Preempted as e:
+        LOG.warning(f"stopping: {e}")
+        raise SystemExit(EXIT_PREEMPTED) from None
     finally:
         du.cleanup()
 
@@ -94,6 +107,13 @@ def start_run(args, resolve_run_args, console_name="console.log"):
     os.makedirs(args.output_dir, exist_ok=True)
     from util.logger import setup_logging
     setup_logging(args.output_dir, env.rank, console_name)
+    if env.is_main:
+        from util.checkpoint import remove_stale_partials
+        stale = remove_stale_partials(args.output_dir)
+        if stale:
+            LOG.warning(f"removed {len(stale)} partial file(s) a stopped writer left in {args.output_dir}: "
+                        f"{', '.join(stale)}")
+    du.barrier()
     return env
 
 
@@ -129,17 +149,67 @@ def training_state(*, model_state, model_config, optimizer, scaler, position, mo
             "provided_keys": list(provided), **data_state, **(extra or {})}
 
 
-def restore_training_state(ckpt, optimizer, scaler, rank):
-    """Optimizer, scaler and this rank's RNG state from a training checkpoint; returns its RunPosition."""
+def restore_training_state(ckpt, optimizer, scaler, rank, world_size, seed):
+    """Optimizer, scaler and this rank's RNG state from a training checkpoint; returns its RunPosition. Saved by
+    another number of ranks, the RNG states cannot be matched to ranks: each rank starts its own stream from
+    (seed, global step, rank) instead of reusing another rank's."""
     from util.checkpoint import set_rng_state
 
     optimizer.load_state_dict(ckpt["optimizer"])
     if scaler is not None and ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
     rngs = ckpt.get("rng") or []
-    if rngs:
-        set_rng_state(rngs[rank % len(rngs)])
+    if len(rngs) == world_size:
+        set_rng_state(rngs[rank])
+    else:
+        fresh_rng_streams(seed, ckpt["global_step"], rank)
+        if rngs:
+            LOG.warning(f"the checkpoint holds the RNG states of {len(rngs)} rank(s), this run has {world_size}: "
+                        "every rank starts a fresh random stream (dropout, drop path) from the seed, the step "
+                        "and its rank; the data order is unaffected")
     return RunPosition(epoch=ckpt["epoch"], step_in_epoch=ckpt["step_in_epoch"], global_step=ckpt["global_step"])
+
+
+def fresh_rng_streams(seed, global_step, rank):
+    """Seed torch, numpy and random with one value per (seed, global step, rank): distinct across ranks."""
+    import random
+
+    import numpy as np
+
+    value = (int(seed) * 1_000_003 + int(global_step) * 7919 + int(rank)) % (2 ** 32)
+    torch.manual_seed(value)
+    np.random.seed(value)
+    random.seed(value)
+
+
+def adapt_to_world_size(args, ckpt, path):
+    """A training checkpoint resumed on another number of ranks: keep its effective batch (so the data
+    position, the step count and the lr schedule mean what they meant) by re-deriving --accum_iter; refuse
+    with one line when this world size cannot reach it, or when the data is WebDataset shards mid-epoch
+    (shards are dealt to ranks, so a rank's position does not carry over). Call before building the data."""
+    from custom_datasets.pair_dataset import is_shard_path
+
+    saved_args = ckpt.get("args") or {}
+    world, old_world = args.world_size, saved_args.get("world_size", args.world_size)
+    if old_world != world and ckpt.get("step_in_epoch") and is_shard_path(getattr(args, "data_path", "") or ""):
+        raise UserError(f"--resume {path}: saved mid-epoch on {old_world} rank(s) from WebDataset shards, which are "
+                        f"dealt to ranks; resume on {old_world} rank(s), or from a checkpoint written at an epoch end")
+    saved = saved_args.get("effective_batch_size")
+    if not saved or saved == args.effective_batch_size:
+        return
+    per_rank = args.batch_size * world
+    if saved % per_rank:
+        raise UserError(f"--resume {path}: saved with an effective batch of {saved} on {old_world} rank(s); this "
+                        f"launch has --batch_size {args.batch_size} x {world} rank(s), which cannot reach it. Pick "
+                        f"--batch_size B and --accum_iter A with B x A x {world} = {saved}, or start a new run from "
+                        f"its weights (another --output_dir, --resume {path})")
+    accum = saved // per_rank
+    LOG.warning(f"resuming {path} (effective batch {saved}, {old_world} rank(s)) on {world} rank(s): --accum_iter "
+                f"{args.accum_iter} -> {accum} keeps the effective batch, the data position and the lr schedule")
+    args.accum_iter = accum
+    args.effective_batch_size = args.batch_size * accum * world
+    if args.lr_from_blr:
+        args.lr = args.blr * args.effective_batch_size / 256
 
 
 def wrap_ddp(model, env):
