@@ -10,6 +10,7 @@ import torch
 
 from custom_datasets.hf_tokenizer import HFTokenizer, tokenizer_from_any_state
 from custom_datasets.image_dataset import IMAGE_NORMS, inherit_image_state
+from custom_datasets.pair_dataset import is_shard_path
 from custom_datasets.tokenizer import load_tokenizer
 from engine_pretrain import stop_for_preemption, Trainer, evaluate, run_config, train_one_epoch
 from models.loading import load_weights, model_for_resume
@@ -229,7 +230,7 @@ def run(args, argv):
     plan = plan_resume(args.output_dir, args.resume, args.mode)
     LOG.info(plan.reason)
     if plan.kind == "train":
-        adapt_to_world_size(args, plan.ckpt, plan.path)
+        adapt_to_world_size(args, plan.ckpt, plan.path, sharded=is_shard_path(args.data_path))
     mode = get_mode(args.mode)(args)
     tokenizer = load_run_tokenizer(args, plan)
     mode.setup(env.device)

@@ -9,15 +9,6 @@ def caption_hashes(text_ids: torch.Tensor, text_masks: torch.Tensor) -> torch.Te
     return torch.tensor([hash(tuple(row[:n])) for row, n in zip(text_ids.tolist(), lengths)], dtype=torch.long)
 
 
-def duplicate_fraction(hashes: torch.Tensor) -> float:
-    """Fraction of the captions (hashes [N], e.g. a whole global batch) that repeat one seen earlier in it
-    (0 when all differ). Identical captions are false negatives for a contrastive loss: a high value
-    explains a loss that cannot reach zero."""
-    if hashes.numel() == 0:
-        return 0.0
-    return 1.0 - torch.unique(hashes).numel() / hashes.numel()
-
-
 class PairCollator:
     """items (from pair_dataset / wds_pairs) -> {
         "images": FloatTensor[B, 3, H, W], "text_ids": LongTensor[B, L],

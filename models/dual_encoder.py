@@ -10,7 +10,6 @@ SigLIP, LiT/SigLiT (`lock_image`) and Chinese CLIP (a BERT-style Chinese text to
 import json
 import math
 import os
-import sys
 
 import torch
 import torch.nn as nn
@@ -18,7 +17,8 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
 from models.embeddings import TextEmbeddings
-from models.lora import LoRALinear, self_regularization_loss
+from models.image_tower import image_tower as _image_tower
+from models.lora import LoRALinear, self_regularization_loss, swap_in_lora_linears
 from models.multiway_block import LayerNorm, MultiwayBlock
 from models.vlmo import ITC_LOSSES
 from util.errors import UserError
@@ -194,90 +194,6 @@ def _transformers():
     return transformers
 
 
-def _swap_in_lora_linears(module):
-    """Replace every nn.Linear under `module` by a LoRALinear holding the same tensors (names unchanged)."""
-    for name, child in module.named_children():
-        if type(child) is nn.Linear:
-            new = LoRALinear(child.in_features, child.out_features, bias=child.bias is not None)
-            new.weight, new.bias = child.weight, child.bias
-            setattr(module, name, new)
-        else:
-            _swap_in_lora_linears(child)
-
-
-def _create_timm(name, img_size, kwargs):
-    import timm
-
-    if not timm.is_model(name):
-        raise UserError(f"--image_tower {name!r}: not a timm model name (see timm.list_models('vit_*'))")
-    try:
-        return timm.create_model(name, pretrained=False, num_classes=0, img_size=img_size, **kwargs)
-    except TypeError as e:
-        raise UserError(f"--image_tower {name}: cannot be built with img_size={img_size} and {kwargs} ({e}); "
-                        "use a ViT-style timm model") from None
-
-
-def _read_state_dict(path, flag):
-    from util.checkpoint import extract_state_dict, load_file
-
-    if path.endswith(".safetensors"):
-        if not os.path.isfile(path):
-            raise UserError(f"{flag}: file not found: {path}")
-        from safetensors.torch import load_file as load_safetensors
-
-        return load_safetensors(path)
-    sd = extract_state_dict(load_file(path, flag))
-    if sd is None:
-        raise UserError(f"{flag} {path}: no state dict found (expected tensors, possibly under 'model')")
-    return sd
-
-
-def load_image_tower_weights(tower, path, flag="--image_tower_weights"):
-    """Load a timm state dict (bare, {"model": sd} or .safetensors) into `tower`; returns the loaded names.
-
-    The model module's own checkpoint_filter_fn adapts the file first (position embedding resampled to
-    this img_size, other ViT layouts such as OpenAI CLIP converted). The classifier head is dropped."""
-    sd = {k: v for k, v in _read_state_dict(path, flag).items() if not k.startswith("head.")}
-    filter_fn = getattr(sys.modules[type(tower).__module__], "checkpoint_filter_fn", None)
-    if filter_fn is not None:
-        sd = filter_fn(sd, tower)
-    sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
-    own = tower.state_dict()
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    wrong = sorted(k for k in set(sd) & set(own) if sd[k].shape != own[k].shape)
-    if missing or unexpected or wrong:
-        raise UserError(f"{flag} {path}: does not fit --image_tower {type(tower).__name__} (missing "
-                        f"{missing[:3]}, unexpected {unexpected[:3]}, other shape {wrong[:3]}; "
-                        f"{len(missing)}/{len(unexpected)}/{len(wrong)} in all)")
-    tower.load_state_dict(sd)
-    return sorted(sd)
-
-
-def _image_tower(cfg, weights=None):
-    tower = _create_timm(cfg["name"], cfg["img_size"], cfg["kwargs"])
-    from timm.models.vision_transformer import VisionTransformer
-
-    if isinstance(tower, VisionTransformer):  # its Attention/Mlp call their Linear modules: LoRA-capable
-        _swap_in_lora_linears(tower.blocks)
-        if not weights:
-            init_fresh_vit(tower)
-    loaded = load_image_tower_weights(tower, weights) if weights else []
-    return tower, [f"image_tower.{k}" for k in loaded]
-
-
-def init_fresh_vit(tower):
-    """A freshly created timm ViT trained from scratch: timm's "jax" init (xavier-uniform Linear layers, its
-    documented init_weights mode) instead of its default std 0.02, and CLIP's position embedding std
-    width^-0.5 instead of 0.02. With timm's defaults a 2x64 tower's CLS feature barely depends on the image
-    (embedding spread at init 0.001) and reached 0.85 zero-shot against open_clip's 0.96 in
-    scripts/bench_itc_learning.py; with this init 0.96."""
-    tower.init_weights("jax")
-    if isinstance(getattr(tower, "pos_embed", None), nn.Parameter):
-        with torch.no_grad():
-            tower.pos_embed.normal_(0.0, tower.embed_dim ** -0.5)
-
-
 def _hf_text_tower(cfg, load_weights):
     transformers = _transformers()
     if load_weights:
@@ -295,7 +211,7 @@ def _hf_text_tower(cfg, load_weights):
         hf = transformers.AutoModel.from_config(transformers.AutoConfig.for_model(conf.pop("model_type"), **conf))
     hf = hf.float()  # a half-precision checkpoint must not train in half precision
     if hf.config.model_type in _HF_LORA_TYPES and hasattr(hf, "encoder"):
-        _swap_in_lora_linears(hf.encoder)
+        swap_in_lora_linears(hf.encoder)
     tower = HFTextTower(hf)
     loaded = [f"text_tower.{k}" for k in tower.state_dict()] if load_weights else []
     return tower, loaded

@@ -80,3 +80,14 @@ def add_self_regularization(model, out, reg_scale):
         out["loss"] = out["loss"] + reg * reg_scale
         out["reg_loss"] = reg.detach()
     return out
+
+
+def swap_in_lora_linears(module):
+    """Replace every nn.Linear under `module` by a LoRALinear holding the same tensors (names unchanged)."""
+    for name, child in module.named_children():
+        if type(child) is nn.Linear:
+            new = LoRALinear(child.in_features, child.out_features, bias=child.bias is not None)
+            new.weight, new.bias = child.weight, child.bias
+            setattr(module, name, new)
+        else:
+            swap_in_lora_linears(child)

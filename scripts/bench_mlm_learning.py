@@ -258,14 +258,17 @@ class HFBert(torch.nn.Module):
                          attention_probs_dropout_prob=a.hf_dropout, tie_word_embeddings=not a.hf_untie)
         self.bert = BertForMaskedLM(cfg)
 
-    def forward(self, batch):
+    def masked_logits(self, batch):
+        """(float logits, targets) of the masked positions."""
         labels = batch["text_labels"]
         hidden = self.bert.bert(input_ids=batch["text_ids"], attention_mask=batch["text_masks"]).last_hidden_state
         selected = labels != -100
-        logits = self.bert.cls(hidden[selected]).float()
-        targets = labels[selected]
+        return self.bert.cls(hidden[selected]).float(), labels[selected]
+
+    def forward(self, batch):
+        logits, targets = self.masked_logits(batch)
         total = F.cross_entropy(logits, targets, reduction="sum")
-        denom = selected.sum().clamp(min=1)
+        denom = torch.tensor(targets.numel(), device=logits.device).clamp(min=1)
         return {"loss": total / denom, "mlm_acc": (logits.argmax(-1) == targets).sum().float() / denom}
 
 
@@ -277,13 +280,9 @@ def _ours_eval(model, batch):
 
 
 def _hf_eval(model, batch):
-    labels = batch["text_labels"]
-    hidden = model.bert.bert(input_ids=batch["text_ids"], attention_mask=batch["text_masks"]).last_hidden_state
-    selected = labels != -100
-    logits = model.bert.cls(hidden[selected]).float()
-    targets = labels[selected]
+    logits, targets = model.masked_logits(batch)
     return (float(F.cross_entropy(logits, targets, reduction="sum")), float((logits.argmax(-1) == targets).sum()),
-            float(selected.sum()))
+            float(targets.numel()))
 
 
 @torch.no_grad()

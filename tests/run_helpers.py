@@ -72,17 +72,11 @@ def logged_steps(out):
 
 def kill_when(proc, predicate, timeout=300, poll=0.005):
     """SIGKILL the process group as soon as predicate() is true; returns True if it was killed mid-run."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            return True
-        if proc.poll() is not None:
-            return False
-        time.sleep(poll)
+    if not wait_for(proc, predicate, timeout, poll):
+        return False
     os.killpg(proc.pid, signal.SIGKILL)
-    raise AssertionError("timed out waiting for the run to reach the kill point")
+    proc.wait()
+    return True
 
 
 def load_ckpt(path):

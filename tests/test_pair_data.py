@@ -12,7 +12,8 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from custom_datasets.pair_collator import PairCollator, caption_hashes, duplicate_fraction
+from custom_datasets.pair_collator import PairCollator, caption_hashes
+from util.itc_monitor import duplicate_fraction
 from custom_datasets.pair_dataset import CsvPairDataset, MugePairDataset, build_pair_dataset
 from custom_datasets.wds_pairs import WdsPairDataset
 from util import make_pair_shards, validate_pairs

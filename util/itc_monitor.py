@@ -7,7 +7,6 @@ The loop calls `observe(batches, metrics)` after every optimizer step (device op
 import torch
 import torch.distributed as dist
 
-from custom_datasets.pair_collator import duplicate_fraction
 from util import dist as du
 from util.logger import LOG
 
@@ -49,6 +48,15 @@ class ContrastiveMonitor:
             f"{stats.get('text_spread', float('nan')):.4f}; duplicate captions "
             f"{stats.get('duplicate_captions', 0.0):.3f}. Try: --itc_pool mean, a lower --blr or longer "
             f"--warmup_epochs, --clip_grad 1.0, and check that the captions belong to their images.")
+
+
+def duplicate_fraction(hashes: torch.Tensor) -> float:
+    """Fraction of the captions (hashes [N], e.g. a whole global batch) that repeat one seen earlier in it
+    (0 when all differ). Identical captions are false negatives for a contrastive loss: a high value
+    explains a loss that cannot reach zero."""
+    if hashes.numel() == 0:
+        return 0.0
+    return 1.0 - torch.unique(hashes).numel() / hashes.numel()
 
 
 def global_duplicate_fraction(hashes):

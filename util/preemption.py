@@ -29,6 +29,12 @@ from util.errors import EXIT_PREEMPTED
 from util.logger import LOG
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+_ACTIVE = []  # installed watches (util.run_common.entry_point uninstalls them when main() returns)
+
+
+def uninstall_all():
+    for watch in list(_ACTIVE):
+        watch.uninstall()
 
 
 def ignore_stop_signals(worker_id=None):
@@ -59,12 +65,26 @@ class PreemptionWatch:
         self._previous[signal.SIGXFSZ] = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         read_fd, write_fd = os.pipe()
         os.set_blocking(write_fd, False)
-        self._wakeup = signal.set_wakeup_fd(write_fd)
+        self._wakeup, self._write_fd = signal.set_wakeup_fd(write_fd), write_fd
+        _ACTIVE.append(self)
         threading.Thread(target=self._watch, args=(read_fd,), name="preemption-watch", daemon=True).start()
         if dist.is_available() and dist.is_initialized():
             # one gloo group for the whole job: the default group itself when it is gloo (CPU runs)
             self._group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
         return self
+
+    def uninstall(self):
+        """Restore the previous handlers (the run is over; matters when main() runs inside another program)."""
+        self._state = "done"
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous = {}
+        if self._wakeup is not None:
+            signal.set_wakeup_fd(self._wakeup)
+            os.close(self._write_fd)  # the watcher thread reads end-of-file and returns
+            self._wakeup = None
+        if self in _ACTIVE:
+            _ACTIVE.remove(self)
 
     def _handle(self, signum, frame):
         if os.getpid() != self.pid:  # a forked data-loader worker: keep serving the current step
@@ -99,6 +119,8 @@ class PreemptionWatch:
     def _deadline(self, signum):
         while True:
             time.sleep(0.25)
+            if self._state == "done":
+                return
             if self._state != "training":
                 continue
             budget = 3 * self._last_step_s + self.slack_s

@@ -93,6 +93,8 @@ def entry_point(parse_args, run, argv):
         LOG.warning(f"stopping: {e}")
         raise SystemExit(EXIT_PREEMPTED) from None
     finally:
+        from util.preemption import uninstall_all
+        uninstall_all()
         du.cleanup()
 
 
@@ -182,16 +184,15 @@ def fresh_rng_streams(seed, global_step, rank):
     random.seed(value)
 
 
-def adapt_to_world_size(args, ckpt, path):
+def adapt_to_world_size(args, ckpt, path, sharded=False):
     """A training checkpoint resumed on another number of ranks: keep its effective batch (so the data
     position, the step count and the lr schedule mean what they meant) by re-deriving --accum_iter; refuse
     with one line when this world size cannot reach it, or when the data is WebDataset shards mid-epoch
-    (shards are dealt to ranks, so a rank's position does not carry over). Call before building the data."""
-    from custom_datasets.pair_dataset import is_shard_path
-
+    (`sharded`: shards are dealt to ranks, so a rank's position does not carry over). Call before building the
+    data."""
     saved_args = ckpt.get("args") or {}
     world, old_world = args.world_size, saved_args.get("world_size", args.world_size)
-    if old_world != world and ckpt.get("step_in_epoch") and is_shard_path(getattr(args, "data_path", "") or ""):
+    if old_world != world and ckpt.get("step_in_epoch") and sharded:
         raise UserError(f"--resume {path}: saved mid-epoch on {old_world} rank(s) from WebDataset shards, which are "
                         f"dealt to ranks; resume on {old_world} rank(s), or from a checkpoint written at an epoch end")
     saved = saved_args.get("effective_batch_size")
