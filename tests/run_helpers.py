@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 import time
+import zipfile
 
 import torch
 
@@ -79,6 +80,17 @@ def kill_when(proc, predicate, timeout=300, poll=0.005):
     return True
 
 
+def finish(proc, timeout=120):
+    """The output of a started run once it exits; a run still going after `timeout` is killed (process
+    group: no orphaned ranks) and fails the test."""
+    try:
+        return proc.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output = proc.communicate()[0]
+        raise AssertionError(f"the run did not exit within {timeout} s:\n{output[-4000:]}") from None
+
+
 def load_ckpt(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
@@ -112,3 +124,17 @@ def make_caption_data(root, n_train=64, n_val=10, seed=0):
             json.dump(items, f)
     train_wordpiece([x["caption"] for x in train], paths["tokenizer"], vocab_size=200)
     return paths
+
+
+def flip_a_tensor_byte(path):
+    """Flip one byte inside the largest tensor record of a torch zip checkpoint (the pickle stays readable)."""
+    with zipfile.ZipFile(path) as z:
+        info = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    with open(path, "r+b") as f:
+        f.seek(info.header_offset + 26)
+        name_len, extra_len = int.from_bytes(f.read(2), "little"), int.from_bytes(f.read(2), "little")
+        at = info.header_offset + 30 + name_len + extra_len + info.file_size // 2
+        f.seek(at)
+        byte = f.read(1)
+        f.seek(at)
+        f.write(bytes([byte[0] ^ 0x10]))

@@ -76,7 +76,10 @@ def test_convert_text_mlm_merge_itc(tmp_path, demo_data):
     assert "tokenizer: inherited from" in proc.stdout + proc.stderr
     itc = load_ckpt(itc_out / "checkpoint-latest.pth")
     assert itc["mode"] == "image_text_itc" and not any(".lora_" in k for k in itc["model"])
-    assert itc["tokenizer"] == mlm["tokenizer"] and itc["image_preprocess"] == mlm["image_preprocess"]
+    assert itc["tokenizer"] == mlm["tokenizer"]
+    # the same pixels; only the evaluation view differs: ITC evaluates the whole image (crop 1.0)
+    assert {**itc["image_preprocess"], "crop_pct": None} == {**mlm["image_preprocess"], "crop_pct": None}
+    assert itc["image_preprocess"]["crop_pct"] == 1.0
     # What stage 2 learned arrived: its MLM head (off the ITC path, so untouched) is the merged file's.
     assert any(k.startswith("text_embeddings.") for k in itc["provided_keys"])
     for k in ("mlm_head.decoder.weight", "mlm_head.transform.dense.weight"):

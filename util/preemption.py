@@ -43,6 +43,22 @@ def ignore_stop_signals(worker_id=None):
         signal.signal(sig, signal.SIG_IGN)
 
 
+def stop_data_workers():
+    """SIGKILL the data-loader workers still alive when main() returns (a run stopped mid-epoch): they ignore
+    SIGTERM, so multiprocessing's exit handler (terminate, then join) would wait for them forever."""
+    import multiprocessing
+
+    children = [c for c in multiprocessing.active_children() if c.daemon and c.is_alive()]
+    if not children:
+        return
+    # torch's SIGCHLD handler would report these deaths as a crash: the run is over, restore the default
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in children:
+        child.kill()
+    for child in children:
+        child.join(timeout=5)
+
+
 class PreemptionWatch:
     def __init__(self, slack_s=5.0):
         self.pid = os.getpid()

@@ -93,8 +93,9 @@ def entry_point(parse_args, run, argv):
         LOG.warning(f"stopping: {e}")
         raise SystemExit(EXIT_PREEMPTED) from None
     finally:
-        from util.preemption import uninstall_all
+        from util.preemption import stop_data_workers, uninstall_all
         uninstall_all()
+        stop_data_workers()
         du.cleanup()
 
 
