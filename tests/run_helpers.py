@@ -75,9 +75,29 @@ def kill_when(proc, predicate, timeout=300, poll=0.005):
     """SIGKILL the process group as soon as predicate() is true; returns True if it was killed mid-run."""
     if not wait_for(proc, predicate, timeout, poll):
         return False
+    kill_tree(proc)
+    return True
+
+
+def _descendants(pid):
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            children = [int(p) for p in f.read().split()]
+    except OSError:
+        return []
+    return children + [d for c in children for d in _descendants(c)]
+
+
+def kill_tree(proc):
+    """SIGKILL the process, its group and every descendant: torchrun starts each worker in a session of its
+    own, so killing its group alone would leave the ranks training as orphans."""
+    for pid in _descendants(proc.pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    return True
 
 
 def finish(proc, timeout=120):
@@ -86,7 +106,7 @@ def finish(proc, timeout=120):
     try:
         return proc.communicate(timeout=timeout)[0]
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_tree(proc)
         output = proc.communicate()[0]
         raise AssertionError(f"the run did not exit within {timeout} s:\n{output[-4000:]}") from None
 
