@@ -41,6 +41,11 @@ def _stored_step(path):
         return -1
 
 
+def _has_own(output_dir):
+    """Whether the folder holds any checkpoint of the run (names only: no file is read on any rank)."""
+    return latest_in(output_dir) is not None or any(_KEPT.match(n) for n in os.listdir(output_dir))
+
+
 def own_candidates(output_dir):
     """The run's training checkpoints in the order they are tried: latest, then kept copies by stored step."""
     kept = [os.path.join(output_dir, n) for n in os.listdir(output_dir) if _KEPT.match(n)]
@@ -68,7 +73,7 @@ def _choose_own(output_dir):
 
 def load_own(output_dir):
     """(path, checkpoint) of the run's own checkpoint to continue, or (None, None) when it has none."""
-    if not output_dir or not os.path.isdir(output_dir) or not own_candidates(output_dir):
+    if not output_dir or not os.path.isdir(output_dir) or not _has_own(output_dir):
         return None, None
     path, ckpt, skipped = _choose_own(output_dir) if du.rank() == 0 else (None, None, None)
     path, skipped = du.broadcast_object((path, skipped))
