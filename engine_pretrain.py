@@ -153,6 +153,8 @@ def train_one_epoch(trainer, loader, epoch, start_step, global_step):
                 trainer.checkpointer.after_step(epoch, step + 1, global_step, log_now)
         if trainer.preemption is not None and trainer.preemption.pending():
             stop_for_preemption(trainer, epoch, step + 1, global_step)
+    if trainer.bad_samples is not None:
+        trainer.bad_samples.end_epoch(epoch, global_step, trainer.run_log, cfg.device)
     return global_step
 
 

@@ -26,6 +26,8 @@ from util.checkpointer import Checkpointer
 from util.config import add_optimizer_args, add_run_args, make_parser, parse_with_config, write_args_json
 from util.errors import NonFiniteLoss, UserError
 from util.evaluation import EvalSet
+from util.flag_checks import (check_output_dir, fraction, non_negative_float, non_negative_int, positive_float,
+                              positive_int)
 from util.layer_decay import layer_decay_scale
 from util.logger import LOG, RunLog
 from util.optim_factory import build_adamw
@@ -55,38 +57,38 @@ def get_args_parser():
     g.add_argument("--finetune", default="", help="pretraining checkpoint (training or merged weights) to start from")
     g.add_argument("--ffn_layout", default=None, choices=["multiway", "shared"], help="default: the checkpoint's")
     g.add_argument("--itc_loss", default=None, choices=ITC_LOSSES, help="default: the checkpoint's")
-    g.add_argument("--drop_path", type=float, default=0.1)
+    g.add_argument("--drop_path", type=fraction(open_high=True), default=0.1, help="stochastic depth rate")
     g.add_argument("--global_pool", default="avg", choices=GLOBAL_POOLS,
                    help="classification/regression heads: mean of the tokens, or the CLS token")
-    g.add_argument("--lora_rank", type=int, default=0, help="> 0: LoRA on the weights --finetune provided")
-    g.add_argument("--lora_alpha", type=float, default=1.0, help="scale = alpha / rank")
+    g.add_argument("--lora_rank", type=non_negative_int(), default=0, help="> 0: LoRA on the weights --finetune provided")
+    g.add_argument("--lora_alpha", type=positive_float(), default=1.0, help="scale = alpha / rank")
     g.add_argument("--ema", action="store_true", help="keep an EMA of the weights (evaluated and saved)")
-    g.add_argument("--ema_decay", type=float, default=0.9999)
+    g.add_argument("--ema_decay", type=fraction(open_high=True), default=0.9999)
     g = p.add_argument_group("data (the checkpoint's tokenizer and image preprocessing unless given)")
     g.add_argument("--data_path", default=None)
     g.add_argument("--val_data_path", default=None)
-    g.add_argument("--nb_classes", type=int, default=None, help="default: from the training data")
+    g.add_argument("--nb_classes", type=positive_int(), default=None, help="default: from the training data")
     g.add_argument("--tokenizer", default=None, help=f"vocab.txt, tokenizer.json or a folder; default: the "
                                                      f"checkpoint's, else {DEFAULT_TOKENIZER}")
     g.add_argument("--do_lower_case", default=None, action=argparse.BooleanOptionalAction)
-    g.add_argument("--img_size", type=int, default=None)
+    g.add_argument("--img_size", type=positive_int(), default=None, help="default: the checkpoint's")
     g.add_argument("--image_norm", default=None, help="beit, imagenet or clip mean/std")
     g.add_argument("--interpolation", default=None, help="bicubic, bilinear, lanczos or nearest")
-    g.add_argument("--crop_pct", type=float, default=None, help="evaluation centre crop / resized side")
-    g.add_argument("--num_workers", type=int, default=8)
+    g.add_argument("--crop_pct", type=fraction(open_low=True), default=None, help="evaluation centre crop / resized side")
+    g.add_argument("--num_workers", type=non_negative_int(), default=8, help="data loader processes per rank")
     g.add_argument("--pin_mem", default=True, action=argparse.BooleanOptionalAction)
     g = p.add_argument_group("regularisation")
-    g.add_argument("--mixup", type=float, default=0.0, help="mixup alpha (image classification)")
-    g.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha (image classification)")
-    g.add_argument("--smoothing", type=float, default=0.1, help="label smoothing (classification)")
+    g.add_argument("--mixup", type=non_negative_float(), default=0.0, help="mixup alpha (image classification)")
+    g.add_argument("--cutmix", type=non_negative_float(), default=0.0, help="cutmix alpha (image classification)")
+    g.add_argument("--smoothing", type=fraction(open_high=True), default=0.1, help="label smoothing (classification)")
     g = p.add_argument_group("optimisation")
     add_optimizer_args(g, 30, 5, 5e-4, (0.9, 0.999))
-    g.add_argument("--layer_decay", type=float, default=0.75, help="lr scale per layer down from the top")
+    g.add_argument("--layer_decay", type=fraction(open_low=True), default=0.75, help="lr scale per layer down from the top")
     g = p.add_argument_group("checkpoints")
     g.add_argument("--resume", default="", help="fine-tuning checkpoint of this task, or 'auto'")
-    g.add_argument("--save_per_epochs", type=int, default=0, help="keep a copy every N epochs (0: last only)")
-    g.add_argument("--save_every_minutes", type=float, default=30.0)
-    g.add_argument("--save_every_steps", type=int, default=0)
+    g.add_argument("--save_per_epochs", type=non_negative_int(), default=0, help="keep a copy every N epochs (0: last only)")
+    g.add_argument("--save_every_minutes", type=non_negative_float(), default=30.0, help="0: off")
+    g.add_argument("--save_every_steps", type=non_negative_int(), default=0, help="0: off")
     for task in all_tasks():
         task.add_args(p)
     return p
@@ -98,19 +100,11 @@ def parse_args(argv=None):
         raise UserError(f"--task {args.task!r}: choose one of {', '.join(task_names())}")
     if args.model is not None and args.model not in backbone_names():
         raise UserError(f"--model {args.model!r} is unknown; known: {', '.join(backbone_names())}")
-    for flag in ("batch_size", "accum_iter", "epochs"):
-        if getattr(args, flag) < 1:
-            raise UserError(f"--{flag} must be >= 1")
     for path_flag in ("finetune", "data_path", "val_data_path"):
         path = getattr(args, path_flag)
         if path and not os.path.exists(path):
             raise UserError(f"--{path_flag}: not found: {path}")
-    if not 0 < args.layer_decay <= 1:
-        raise UserError(f"--layer_decay must be in (0, 1], got {args.layer_decay}")
-    if args.lora_rank < 0:
-        raise UserError("--lora_rank must be >= 0")
-    if not 0 <= args.ema_decay < 1:
-        raise UserError(f"--ema_decay must be in [0, 1), got {args.ema_decay}")
+    check_output_dir(args.output_dir)
     args.log_dir = args.log_dir or args.output_dir
     return args
 

@@ -10,11 +10,12 @@ import torch
 
 from custom_datasets.hf_tokenizer import HFTokenizer, tokenizer_from_any_state
 from custom_datasets.image_dataset import IMAGE_NORMS, inherit_image_state
-from custom_datasets.pair_dataset import is_shard_path
+from custom_datasets.pair_dataset import DEFAULT_MAX_IMAGE_PIXELS, is_shard_path, set_max_image_pixels
 from custom_datasets.tokenizer import load_tokenizer
 from engine_pretrain import stop_for_preemption, Trainer, evaluate, run_config, train_one_epoch
 from models.loading import load_weights, model_for_resume
-from models.registry import DUAL_ENCODER, check_overrides, create_model, model_config, model_names, model_options
+from models.registry import (DUAL_ENCODER, check_overrides, create_model, model_config, model_names, model_options,
+                             patch_grid)
 from models.trainable import configure_trainable
 from modes import all_modes, get_mode, mode_names
 from modes.base import PretrainModel
@@ -22,12 +23,15 @@ from util.bad_samples import BadSampleLog
 from util.checkpointer import Checkpointer
 from util.config import add_optimizer_args, add_run_args, json_mapping, make_parser, parse_with_config, write_args_json
 from util.errors import NonFiniteLoss, UserError
+from util.flag_checks import (Bounded, check_output_dir, check_paths, fraction, no_effect_warnings, non_negative_float,
+                              non_negative_int, positive_float, positive_int)
 from util.logger import LOG, RunLog
 from util.optim_factory import build_adamw
 from util.preemption import PreemptionWatch
 from util.resume import plan_resume
-from util.run_common import (RunPosition, wrap_ddp, autocast_setup, entry_point, load_full_state, log_trainable,
-                             resolve_batch_and_lr, restore_training_state, start_run, training_state, adapt_to_world_size)
+from util.run_common import (RunPosition, adapt_to_world_size, autocast_setup, batch_to_device, entry_point,
+                             load_full_state, log_trainable, open_run_folder, resolve_batch_and_lr,
+                             restore_training_state, start_processes, training_state, wrap_ddp)
 
 DEFAULT_TOKENIZER = "checkpoints/tokenizer/"
 
@@ -37,7 +41,11 @@ def get_args_parser():
     g = p.add_argument_group("run")
     g.add_argument("--exp_name", default="text_mlm", help="run name; selects the mode unless --mode is given")
     g.add_argument("--mode", default=None, choices=mode_names())
-    g.add_argument("--output_dir", default="outputs/run")
+    g.add_argument("--output_dir", default="outputs/run", help="checkpoints, logs and args.json (created)")
+    g.add_argument("--check", action="store_true",
+                   help="validate flags and files, run a tokenizer round trip and one batch through the data "
+                        "pipeline, build the model on the meta device, then exit 0 (or 2 with the error) without "
+                        "training or writing anything; run it once before torchrun")
     add_run_args(g)
     g = p.add_argument_group("model")
     g.add_argument("--model", default="vlmo_base_patch16", help=f"one of: {', '.join(model_names())}")
@@ -45,8 +53,8 @@ def get_args_parser():
                    help='JSON of registry overrides, e.g. \'{"embed_dim": 128, "depth": 4, "num_heads": 2, '
                         '"patch_size": 8}\' (a mapping in --config)')
     g.add_argument("--ffn_layout", default="multiway", choices=["multiway", "shared"])
-    g.add_argument("--img_size", type=int, default=None, help="default: the model's")
-    g.add_argument("--drop_path", type=float, default=0.1)
+    g.add_argument("--img_size", type=positive_int(), default=None, help="default: the model's")
+    g.add_argument("--drop_path", type=fraction(open_high=True), default=0.1, help="stochastic depth rate")
     g.add_argument("--image_tower", default="vit_base_patch16_224",
                    help=f"--model {DUAL_ENCODER}: timm model name of the image tower")
     g.add_argument("--image_tower_weights", default=None,
@@ -57,7 +65,7 @@ def get_args_parser():
                         "`pip install transformers`)")
     g.add_argument("--text_tower_kwargs", default=None,
                    help='JSON for our text tower: width, depth, heads, mlp_ratio (default 512, 12, 8, 4)')
-    g.add_argument("--itc_embed_dim", type=int, default=512, help=f"--model {DUAL_ENCODER}: shared embedding dim")
+    g.add_argument("--itc_embed_dim", type=positive_int(), default=512, help=f"--model {DUAL_ENCODER}: shared embedding dim")
     g = p.add_argument_group("data")
     g.add_argument("--data_path", default=None, help="training data (required, by flag or --config)")
     g.add_argument("--val_data_path", default=None, help="held-out data evaluated at every epoch end")
@@ -67,28 +75,32 @@ def get_args_parser():
                         f"{DEFAULT_TOKENIZER}")
     g.add_argument("--do_lower_case", default=None, action="store_true")
     g.add_argument("--no_lower_case", dest="do_lower_case", action="store_false")
-    g.add_argument("--max_text_len", type=int, default=196)
+    g.add_argument("--max_text_len", type=Bounded(int, 3), default=196,
+                   help="tokens per caption, [CLS] and [SEP] included")
     g.add_argument("--image_norm", default=None, choices=sorted(IMAGE_NORMS),
                    help="pixel normalisation; default: the resumed checkpoint's, else beit (0.5/0.5, as BEiT weights "
                         "were trained)")
-    g.add_argument("--eval_crop_pct", type=float, default=None,
+    g.add_argument("--eval_crop_pct", type=fraction(open_low=True), default=None,
                    help="evaluation view: resize the shorter side to size / pct, centre-crop size; default: the "
                         "resumed run's, else the mode's (image_text_itc 1.0, the whole image training sees; "
                         "others 0.875); saved with the run")
-    g.add_argument("--num_workers", type=int, default=8)
+    g.add_argument("--num_workers", type=non_negative_int(), default=8, help="data loader processes per rank")
     g.add_argument("--pin_mem", default=True, action=argparse.BooleanOptionalAction)
+    g.add_argument("--max_image_pixels", type=positive_int(), default=DEFAULT_MAX_IMAGE_PIXELS,
+                   help="larger images decode at reduced size (JPEG: 1/2, 1/4 or 1/8) or, when they cannot, are "
+                        "replaced and listed like unreadable ones")
     g = p.add_argument_group("optimisation")
     add_optimizer_args(g, 100, 10, 1.5e-4, (0.9, 0.98))
     g = p.add_argument_group("LoRA and self-regularization")
-    g.add_argument("--lora_rank", type=int, default=0)
-    g.add_argument("--lora_alpha", type=float, default=1.0, help="scale = alpha / rank")
+    g.add_argument("--lora_rank", type=non_negative_int(), default=0, help="> 0: LoRA adapters of this rank")
+    g.add_argument("--lora_alpha", type=positive_float(), default=1.0, help="scale = alpha / rank")
     g.add_argument("--self_regularization", action="store_true")
-    g.add_argument("--reg_loss_weight", type=float, default=0.0)
+    g.add_argument("--reg_loss_weight", type=non_negative_float(), default=0.0)
     g = p.add_argument_group("checkpoints")
     g.add_argument("--resume", default="", help="training checkpoint, weights file, or 'auto'")
-    g.add_argument("--save_per_epochs", type=int, default=20, help="keep a copy every N epochs")
-    g.add_argument("--save_every_minutes", type=float, default=30.0)
-    g.add_argument("--save_every_steps", type=int, default=0)
+    g.add_argument("--save_per_epochs", type=non_negative_int(), default=20, help="keep a copy every N epochs")
+    g.add_argument("--save_every_minutes", type=non_negative_float(), default=30.0, help="0: off")
+    g.add_argument("--save_every_steps", type=non_negative_int(), default=0, help="0: off")
     g.add_argument("--save_merged_lora_model", action="store_true",
                    help="at the end, also write checkpoint-merged.pth: LoRA adapters merged into the weights, no "
                         "lora_* tensors (the file the next stage resumes from)")
@@ -110,11 +122,13 @@ def resolve_mode(args):
 
 
 def parse_args(argv=None):
-    args = parse_with_config(get_args_parser(), argv)
+    parser = get_args_parser()
+    args = parse_with_config(parser, argv)
     args.mode = resolve_mode(args)
     if args.model not in model_names():
         raise UserError(f"--model {args.model!r} is unknown; known: {', '.join(model_names())}")
-    args.model_kwargs = json_mapping(args.model_kwargs, "--model_kwargs")
+    for flag in ("model_kwargs", "image_tower_kwargs", "text_tower_kwargs"):
+        setattr(args, flag, json_mapping(getattr(args, flag), f"--{flag}"))
     try:
         check_overrides(args.model, args.model_kwargs)
     except KeyError as e:
@@ -122,19 +136,6 @@ def parse_args(argv=None):
     kind = DUAL_ENCODER if args.model == DUAL_ENCODER else None
     if kind not in get_mode(args.mode).model_kinds:
         raise UserError(f"--model {args.model} does not train the {args.mode} mode")
-    if not args.data_path:
-        raise UserError("--data_path is required (on the command line or in the --config file)")
-    if not os.path.exists(args.data_path):
-        raise UserError(f"--data_path: not found: {args.data_path}")
-    if args.val_data_path and not os.path.exists(args.val_data_path):
-        raise UserError(f"--val_data_path: not found: {args.val_data_path}")
-    for flag in ("batch_size", "accum_iter", "epochs"):
-        if getattr(args, flag) < 1:
-            raise UserError(f"--{flag} must be >= 1")
-    if args.lora_rank < 0:
-        raise UserError("--lora_rank must be >= 0")
-    if args.eval_crop_pct is not None and not 0.0 < args.eval_crop_pct <= 1.0:
-        raise UserError(f"--eval_crop_pct {args.eval_crop_pct}: a fraction in (0, 1]")
     get_mode(args.mode).resolve_defaults(args)
     if args.lock_image and args.lock_text:
         raise UserError("--lock_image and --lock_text together leave nothing to train")
@@ -143,7 +144,20 @@ def parse_args(argv=None):
         raise UserError(f"--save_merged_lora_model: with --lock_{locked} the LoRA adapters on the shared attention "
                         f"act on the other modality only; merged they would change the locked {locked} tower. "
                         "Drop the flag and use checkpoint-latest.pth with its adapters")
+    try:
+        grid = patch_grid(args.model, args.img_size, args.model_kwargs)
+    except ValueError as e:
+        raise UserError(f"{'--img_size' if args.img_size else '--model_kwargs img_size'} {e}") from None
+    if not args.data_path:
+        raise UserError("--data_path is required (on the command line or in the --config file)")
+    check_paths(args, ("data_path", "val_data_path", "tokenizer", "image_tower_weights", "zeroshot_data_path",
+                       "zeroshot_classnames", "zeroshot_templates"))
+    get_mode(args.mode).check_inputs(args, grid)
     args.log_dir = args.log_dir or args.output_dir
+    for flag in ("output_dir", "log_dir"):
+        check_output_dir(getattr(args, flag), f"--{flag}")
+    for warning in no_effect_warnings(args, parser):
+        LOG.warning(f"warning: {warning}")
     return args
 
 
@@ -164,7 +178,10 @@ def load_run_tokenizer(args, plan):
     state = plan.ckpt.get("tokenizer") if isinstance(plan.ckpt, dict) else None
     if args.tokenizer is None and state:
         LOG.info(f"tokenizer: inherited from {plan.path}")
-        return tokenizer_from_any_state(state)
+        try:
+            return tokenizer_from_any_state(state)
+        except UserError as e:
+            raise UserError(f"--resume {plan.path}: its tokenizer: {e}") from None
     folder = hf_text_folder(args)
     if folder:
         if args.tokenizer:
@@ -173,7 +190,10 @@ def load_run_tokenizer(args, plan):
         LOG.info(f"tokenizer: {folder} ({tok.vocab_size} tokens, Hugging Face)")
         return tok
     path = args.tokenizer or DEFAULT_TOKENIZER
-    tok = load_tokenizer(path, do_lower_case=args.do_lower_case, max_len=args.max_text_len)
+    try:
+        tok = load_tokenizer(path, do_lower_case=args.do_lower_case, max_len=args.max_text_len)
+    except UserError as e:
+        raise UserError(f"--tokenizer {path}: {e}") from None
     LOG.info(f"tokenizer: {path} ({tok.vocab_size} tokens, lower case {tok.do_lower_case})")
     return tok
 
@@ -184,8 +204,8 @@ def model_overrides(args, tokenizer, mode):
     run = dict(vocab_size=tokenizer.vocab_size, ffn_layout=args.ffn_layout, drop_path_rate=args.drop_path,
                max_text_len=args.max_text_len if hf_text_folder(args) else max(args.max_text_len, 196),
                image_tower=args.image_tower, image_tower_weights=args.image_tower_weights,
-               image_tower_kwargs=json_mapping(args.image_tower_kwargs, "--image_tower_kwargs"),
-               text_tower=args.text_tower, text_tower_kwargs=json_mapping(args.text_tower_kwargs, "--text_tower_kwargs"),
+               image_tower_kwargs=args.image_tower_kwargs, text_tower=args.text_tower,
+               text_tower_kwargs=args.text_tower_kwargs,
                **mode.model_overrides())
     if "image_tower" in model_options(args.model):
         run["embed_dim"] = args.itc_embed_dim  # the dual encoder's shared embedding; a backbone's is its width
@@ -222,32 +242,23 @@ def main(argv=None):
 
 
 def run(args, argv):
-    env = start_run(args, resolve_run_args)
+    """Flags were checked by parse_args; here the files are read (the resumed checkpoint, the tokenizer),
+    then the output folder is made, then the data is scanned and the model built."""
+    env = start_processes(args, resolve_run_args)
     watch = PreemptionWatch().install()
     LOG.info(f"mode {args.mode} | model {args.model} ({args.ffn_layout}) | {env.world_size} process(es) via "
              f"{env.launcher} on {env.device} | effective batch {args.effective_batch_size} | lr {args.lr:.3e}")
     torch.manual_seed(args.seed + env.rank)
     plan = plan_resume(args.output_dir, args.resume, args.mode)
     LOG.info(plan.reason)
-    if plan.kind == "train":
+    if plan.kind == "train" and not args.check:  # --check runs in one process, before the real launch
         adapt_to_world_size(args, plan.ckpt, plan.path, sharded=is_shard_path(args.data_path))
     mode = get_mode(args.mode)(args)
     tokenizer = load_run_tokenizer(args, plan)
-    mode.setup(env.device)
-    overrides = model_overrides(args, tokenizer, mode)
-    arch = model_config(args.model, **overrides)
-    record = plan.ckpt if isinstance(plan.ckpt, dict) else None
-    crop_pct = args.eval_crop_pct
-    if crop_pct is None:  # a resumed run keeps its view; a new stage takes its mode's
-        crop_pct = ((record or {}).get("image_preprocess") or {}).get("crop_pct") if plan.kind == "train" else None
-    image_state = inherit_image_state(args.image_norm, record, plan.path, arch["img_size"],
-                                      crop_pct if crop_pct is not None else mode.eval_crop_pct)
-    grid = (arch["img_size"] // arch["patch_size"],) * 2 if arch.get("patch_size") else None
-    data = mode.build_data(tokenizer, image_state, env.rank, env.world_size, grid)
-    steps_per_epoch = data.batches_per_epoch // args.accum_iter
-    if steps_per_epoch < 1:
-        raise UserError(f"--data_path: one epoch gives {data.batches_per_epoch} batches per process, fewer than "
-                        f"--accum_iter {args.accum_iter}")
+    if args.check:
+        return check_run(args, env, plan, mode, tokenizer)
+    open_run_folder(args, env)
+    overrides, image_state, data, steps_per_epoch = build_run_data(args, env, plan, mode, tokenizer)
     backbone, provided, groups = build_model(args, overrides, plan)
     if plan.kind != "train":
         mode.init_fresh(backbone, set(provided), args.effective_batch_size)
@@ -306,6 +317,50 @@ def run(args, argv):
                            source=os.path.join(args.output_dir, "checkpoint-latest.pth"))
         LOG.info(f"merged {len(rep['layers'])} LoRA layers (rank {rep['rank']}, alpha {rep['alpha']:g}) -> {dst}")
     LOG.info(f"done in {(time.time() - started) / 60:.1f} min; checkpoints in {args.output_dir}")
+    return 0
+
+
+def build_run_data(args, env, plan, mode, tokenizer):
+    """(model overrides, image preprocessing, PretrainData, optimizer steps per epoch): the mode set up and
+    the data scanned."""
+    set_max_image_pixels(args.max_image_pixels)
+    mode.setup(env.device)
+    overrides = model_overrides(args, tokenizer, mode)
+    arch = model_config(args.model, **overrides)
+    record = plan.ckpt if isinstance(plan.ckpt, dict) else None
+    crop_pct = args.eval_crop_pct
+    if crop_pct is None:  # a resumed run keeps its view; a new stage takes its mode's
+        crop_pct = ((record or {}).get("image_preprocess") or {}).get("crop_pct") if plan.kind == "train" else None
+    image_state = inherit_image_state(args.image_norm, record, plan.path, arch["img_size"],
+                                      crop_pct if crop_pct is not None else mode.eval_crop_pct)
+    grid = (arch["img_size"] // arch["patch_size"],) * 2 if arch.get("patch_size") else None
+    data = mode.build_data(tokenizer, image_state, env.rank, env.world_size, grid)
+    steps_per_epoch = data.batches_per_epoch // args.accum_iter
+    if steps_per_epoch < 1:
+        raise UserError(f"--data_path: one epoch gives {data.batches_per_epoch} batches per process, fewer than "
+                        f"--accum_iter {args.accum_iter}")
+    return overrides, image_state, data, steps_per_epoch
+
+
+def check_run(args, env, plan, mode, tokenizer):
+    """--check: everything a run reads and builds before its first step, with nothing written: a tokenizer
+    round trip, one batch from the data pipeline (in this process), the model on the meta device."""
+    sample = "a photo of a dog"
+    ids = tokenizer.encode_batch([sample])[0][0]
+    back = tokenizer.decode(ids)
+    if not back.strip():
+        raise UserError(f"--tokenizer: {sample!r} encodes to special tokens only ({ids.tolist()})")
+    LOG.info(f"check: tokenizer round trip {sample!r} -> {len(ids)} ids -> {back!r}")
+    args.num_workers = 0
+    overrides, _, data, steps_per_epoch = build_run_data(args, env, plan, mode, tokenizer)
+    batch = next(iter(data.train_loader))
+    tensors, _ = batch_to_device(batch, torch.device("cpu"))
+    LOG.info("check: one batch: " + ", ".join(f"{k} {tuple(v.shape)}" for k, v in tensors.items()))
+    with torch.device("meta"):
+        backbone, _, groups = build_model(args, overrides, plan)
+    log_trainable(backbone, groups)
+    LOG.info(f"check passed: {data.num_train} training samples ({steps_per_epoch} steps per epoch on "
+             f"{env.world_size} process(es)), {data.num_val} held out; nothing was written")
     return 0
 
 

@@ -15,13 +15,14 @@ import binascii
 import csv
 import io
 import os
+import warnings
 from array import array
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from custom_datasets.records import jsonl_records
+from custom_datasets.records import jsonl_records, not_utf8, text_rows
 from custom_datasets.text_dataset import PackedStrings
 from util.errors import UserError
 
@@ -40,23 +41,76 @@ def parse_key(key):
     return 0, int(key)
 
 
-def decode_image(data: bytes) -> Image.Image:
-    """Fully decode image bytes to an RGB PIL image, or raise BadSample naming why."""
+DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096  # --max_image_pixels: larger JPEGs decode at 1/2, 1/4 or 1/8 scale
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_LIMITS = {"max_pixels": DEFAULT_MAX_IMAGE_PIXELS}
+
+
+def set_max_image_pixels(n: int):
+    """The process-wide --max_image_pixels (set before the DataLoader forks its workers, which inherit it)."""
+    _LIMITS["max_pixels"] = int(n)
+
+
+def decode_image(data: bytes, max_pixels: int = None) -> Image.Image:
+    """Fully decode image bytes to an RGB PIL image (to_rgb), or raise BadSample naming why.
+
+    An image whose header says it has more than `max_pixels` pixels (default: set_max_image_pixels's) is
+    decoded at reduced size when it is a
+    JPEG (the decoder's own 1/2, 1/4 or 1/8 scaling: the first that fits; a 8000x8000 photo costs a quarter of
+    the time and memory), and is a BadSample otherwise (or when even 1/8 does not fit)."""
     if len(data) == 0:
         raise BadSample("zero-byte file")
     # Decoders of untrusted bytes raise many types (OSError, SyntaxError, struct.error, ...);
     # any failure here means "this sample is unusable", never "stop the run".
     try:
-        img = Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():  # the size is checked below, against our own limit
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise BadSample("not an image") from None
+    except Image.DecompressionBombError as e:
+        raise BadSample(f"too large to decode: {e}") from None
     except Exception as e:
         raise BadSample(f"corrupt image header: {e}") from None
+    _fit_pixels(img, max_pixels or _LIMITS["max_pixels"])
     try:
         img.load()  # PIL decodes lazily; a truncated file fails only here
-        return img.convert("RGB")
+        return to_rgb(img)
     except Exception as e:
         raise BadSample(f"truncated or corrupt image: {e}") from None
+
+
+def _fit_pixels(img, max_pixels):
+    """Ask the JPEG decoder for the largest scale (1, 1/2, 1/4, 1/8) within `max_pixels`, or raise BadSample."""
+    w, h = img.size
+    if w * h <= max_pixels:
+        return
+    scale = next((d for d in (2, 4, 8) if (w // d) * (h // d) <= max_pixels), None)
+    if img.format != "JPEG" or scale is None:
+        raise BadSample(f"{w}x{h} pixels is over --max_image_pixels {max_pixels}"
+                        + ("" if img.format == "JPEG" else f" and a {img.format} cannot be decoded at reduced size"))
+    img.draft(img.mode, (-(-w // scale), -(-h // scale)))
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """RGB of any PIL mode: 16-bit grey scaled by 1/257 (not clipped to white), transparency (RGBA, LA, PA,
+    palette with a transparent colour) composited on white, CMYK (plain or Adobe's inverted, which PIL's JPEG
+    decoder undoes) and the rest through PIL's conversions."""
+    if img.mode in SIXTEEN_BIT_MODES:
+        grey = np.asarray(img, dtype=np.float64) / 257.0
+        return Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def check_caption(text: str) -> str:
+    """`text`, or BadSample when it holds nothing but whitespace (a pair without a caption teaches nothing)."""
+    if not text.strip():
+        raise BadSample("empty caption")
+    return text
 
 
 def read_file_bytes(path: str) -> bytes:
@@ -109,9 +163,9 @@ class PairDatasetBase(Dataset):
         raise NotImplementedError
 
     def load(self, i: int):
-        """(RGB PIL image, text) of entry i, or BadSample."""
+        """(RGB PIL image, text) of entry i, or BadSample (an empty caption is one too)."""
         data, text, _ = self.raw(i)
-        return decode_image(data), text
+        return decode_image(data), check_caption(text)
 
     def check(self, i: int):
         """None if entry i loads, else (path_or_id, reason). Used by the offline validator."""
@@ -154,24 +208,22 @@ class CsvPairDataset(PairDatasetBase):
         self.path, self.root = path, os.path.dirname(os.path.abspath(path))
         delimiter = "\t" if path.lower().endswith(".tsv") else ","
         texts, paths, image_ids, image_idx = PackedStrings(), PackedStrings(), {}, array("q")
-        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: spreadsheets write a BOM
-            # TSV captions often hold quote characters that are not CSV quoting
-            reader = csv.reader(f, delimiter=delimiter,
-                                quoting=csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL)
-            header = next(reader, None)
-            if header is None:
-                raise UserError(f"{path}: empty file; expected a header with text and image_path")
-            t_col = _column(header, ("text", "caption", "title"), path)
-            p_col = _column(header, ("image_path", "filepath", "image"), path)
-            for line_no, row in enumerate(reader, start=2):
-                if not row:
-                    continue
-                if len(row) <= max(t_col, p_col):
-                    raise UserError(f"{path}:{line_no}: expected {len(header)} columns, "
-                                    f"got {len(row)}")
-                texts.append(row[t_col])
-                paths.append(row[p_col])
-                image_idx.append(image_ids.setdefault(row[p_col], len(image_ids)))
+        # TSV captions often hold quote characters that are not CSV quoting
+        reader = csv.reader(text_rows(path), delimiter=delimiter,
+                            quoting=csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL)
+        header = next(reader, None)
+        if header is None:
+            raise UserError(f"{path}: empty file; expected a header with text and image_path")
+        t_col = _column(header, ("text", "caption", "title"), path)
+        p_col = _column(header, ("image_path", "filepath", "image"), path)
+        for row in reader:
+            if not row:
+                continue
+            if len(row) <= max(t_col, p_col):
+                raise UserError(f"{path}:{reader.line_num}: expected {len(header)} columns, got {len(row)}")
+            texts.append(row[t_col])
+            paths.append(row[p_col])
+            image_idx.append(image_ids.setdefault(row[p_col], len(image_ids)))
         if not len(texts):
             raise UserError(f"{path}: no pairs after the header")
         self.texts, self.paths = texts.finish(), paths.finish()
@@ -234,10 +286,13 @@ class MugePairDataset(PairDatasetBase):
     def _index_tsv(path):
         lines, offset = {}, 0
         with open(path, "rb") as f:
-            for line in f:
+            for line_no, line in enumerate(f, start=1):
                 tab = line.find(b"\t")
                 if tab > 0:
-                    lines[line[:tab].decode("utf-8").strip()] = (offset, len(line))
+                    try:
+                        lines[line[:tab].decode("utf-8").strip()] = (offset, len(line))
+                    except UnicodeDecodeError as e:
+                        raise not_utf8(path, line_no, line, e) from None
                 offset += len(line)
         return lines
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import Dataset
 
+from custom_datasets.records import not_utf8, utf8_lines
 from util.errors import UserError
 
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
@@ -88,11 +89,18 @@ def _caption_of(item, path, where):
 
 
 def _read_text(path):
+    with open(path, "rb") as f:
+        data = f.read()
     try:
-        with open(path, encoding="utf-8-sig") as f:
-            return f.read()
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text (bad byte at offset {e.start})") from None
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        pass
+    for line_no, line in enumerate(data.splitlines(keepends=True), start=1):  # find the line to name it
+        try:
+            line.decode("utf-8-sig" if line_no == 1 else "utf-8")
+        except UnicodeDecodeError as e:
+            raise not_utf8(path, line_no, line, e) from None
+    raise UserError(f"{path}: not UTF-8 text")  # a sequence split across lines
 
 
 def _iter_json(path):
@@ -147,19 +155,8 @@ def _iter_json(path):
             fail(json.JSONDecodeError("Expecting ',' or ']'", text, pos))
 
 
-def _iter_lines(path):
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]
-            try:
-                yield lineno, raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise UserError(f"{path}: line {lineno} is not UTF-8 text") from None
-
-
 def _iter_jsonl(path):
-    for lineno, line in _iter_lines(path):
+    for lineno, line in utf8_lines(path):
         if not line.strip():
             continue
         try:
@@ -170,7 +167,7 @@ def _iter_jsonl(path):
 
 
 def _iter_txt(path):
-    for _, line in _iter_lines(path):
+    for _, line in utf8_lines(path):
         if line.strip():  # blank lines separate nothing; they are not empty captions
             yield line
 

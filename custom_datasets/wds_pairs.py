@@ -27,7 +27,7 @@ import torch.distributed as dist
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
-from custom_datasets.pair_dataset import BadSample, decode_image
+from custom_datasets.pair_dataset import BadSample, check_caption, decode_image
 from util.errors import UserError
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
@@ -180,7 +180,7 @@ class WdsPairDataset(IterableDataset):
             text = sample["txt"].decode("utf-8").strip()
         except UnicodeDecodeError:
             raise BadSample("text is not UTF-8") from None
-        return decode_image(sample[ext]), text
+        return decode_image(sample[ext]), check_caption(text)
 
     def __iter__(self):
         info = get_worker_info()

@@ -71,6 +71,20 @@ def model_config(name, **overrides):
     return {"name": name, **model_options(name), **overrides}
 
 
+def patch_grid(name, img_size=None, overrides=None):
+    """(rows, cols) of `name`'s patch grid at `img_size` (default: the model's), or None for a model without
+    one (the dual encoder's timm tower checks its own); a size the patch does not divide raises ValueError."""
+    options = model_options(name)
+    if "patch_size" not in options:
+        return None
+    cfg = {**options, **({"img_size": img_size} if img_size else {}), **(overrides or {})}
+    size, patch = cfg["img_size"], cfg["patch_size"]
+    if size % patch:
+        raise ValueError(f"{size} is not a multiple of the patch size {patch} of {name}; use "
+                         f"{max(patch, size // patch * patch)} or {(size // patch + 1) * patch}")
+    return size // patch, size // patch
+
+
 def create_model(name, **overrides):
     """Build a model by registered name; overrides replace config entries (img_size, ffn_layout, ...)."""
     if name == DUAL_ENCODER:

@@ -6,6 +6,7 @@ A mode (one file in modes/) subclasses `PretrainMode` and is registered with `@r
   backbone, which models.trainable uses to decide what trains (and downstream tasks reuse by name).
 - `add_args(group)`: its flags (added to main_pretrain_cook's parser for every registered mode).
 - `resolve_defaults(args)`: fill in the defaults that depend on the mode (flags left at None).
+- `check_inputs(args, grid)`: validate its flags against the patch grid and its own files, before any work.
 - `model_overrides()`: registry overrides the mode needs (e.g. the dVAE vocabulary of the MIM head).
 - `init_fresh(backbone, loaded, global_batch)`: initialise what depends on the run (not on the
   architecture) in the parameters no checkpoint provided (`loaded`: the names that were loaded).
@@ -63,6 +64,11 @@ class PretrainMode:
     @staticmethod
     def resolve_defaults(args):
         """Fill in the mode-dependent defaults of `args` in place (before any work starts)."""
+
+    @staticmethod
+    def check_inputs(args, grid):
+        """Check (before any work starts) the mode's flags against the patch `grid` (rows, cols; None for a
+        model without one) and its own input files; adjust what must fit the grid, with a printed line."""
 
     def model_overrides(self):
         return {}

@@ -21,7 +21,9 @@ from custom_datasets.masking_generator import MaskingGenerator
 from models.vlmo import MIM_TARGETS
 from modes import register_mode
 from modes.base import PretrainData, PretrainMode
+from util.errors import UserError
 from util.evaluation import EvalSet
+from util.flag_checks import Bounded, non_negative_float, positive_int
 from util.logger import LOG
 from util.run_setup import dvae_file
 
@@ -103,6 +105,9 @@ def held_out_set(loader, num_items, targets=None):
     return EvalSet(loader=loader, num_items=num_items, predict=predict, metrics=per_patch_metrics)
 
 
+BEIT_MASKING = (75, 16)  # masked patches per image and the smallest block, for BEiT's 14x14 grid
+
+
 @register_mode
 class ImageMIM(PretrainMode):
     name = "image_mim"
@@ -121,10 +126,31 @@ class ImageMIM(PretrainMode):
         group.add_argument("--dvae_path", default=DEFAULT_DVAE,
                            help="DALL-E encoder.pkl or its safetensors conversion (util/convert_dvae.py); an "
                                 "encoder.safetensors beside the .pkl is preferred")
-        group.add_argument("--num_mask_patches", type=int, default=75, help="image_mim: masked patches per image")
-        group.add_argument("--min_mask_patches", type=int, default=16, help="image_mim: smallest masked block")
-        group.add_argument("--max_mask_aspect", type=float, default=1 / 0.3, help="image_mim: block aspect bound")
-        group.add_argument("--color_jitter", type=float, default=0.4, help="image_mim: colour jitter strength")
+        group.add_argument("--num_mask_patches", type=positive_int(), default=BEIT_MASKING[0], help="image_mim: masked patches per image")
+        group.add_argument("--min_mask_patches", type=positive_int(), default=BEIT_MASKING[1], help="image_mim: smallest masked block")
+        group.add_argument("--max_mask_aspect", type=Bounded(float, 1), default=1 / 0.3, help="image_mim: block aspect bound")
+        group.add_argument("--color_jitter", type=non_negative_float(), default=0.4, help="image_mim: colour jitter strength")
+
+    @staticmethod
+    def check_inputs(args, grid):
+        """Masking sizes fit the grid: left at BEiT's defaults (for 14x14), they are scaled to its area and
+        the change printed; set by the user, one that cannot fit is an error naming the flag."""
+        if args.mim_target == "dalle":
+            dvae_file(args.dvae_path)
+        patches = grid[0] * grid[1]
+        default_num, default_min = BEIT_MASKING
+        if (args.num_mask_patches, args.min_mask_patches) == BEIT_MASKING and patches != 196:
+            args.num_mask_patches = max(1, round(default_num * patches / 196))
+            args.min_mask_patches = max(1, min(args.num_mask_patches, round(default_min * patches / 196)))
+            LOG.warning(f"image_mim: --num_mask_patches {default_num} -> {args.num_mask_patches} and "
+                        f"--min_mask_patches {default_min} -> {args.min_mask_patches} for the {grid[0]}x{grid[1]} "
+                        f"patch grid (BEiT's shares of its 14x14 grid); pass both to choose")
+        if args.num_mask_patches >= patches:
+            raise UserError(f"--num_mask_patches {args.num_mask_patches}: the {grid[0]}x{grid[1]} patch grid has "
+                            f"{patches} patches; mask fewer than all of them")
+        if args.min_mask_patches > args.num_mask_patches:
+            raise UserError(f"--min_mask_patches {args.min_mask_patches} is more than --num_mask_patches "
+                            f"{args.num_mask_patches}")
 
     def setup(self, device):
         if self.args.mim_target != "dalle":

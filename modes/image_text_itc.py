@@ -44,6 +44,7 @@ from models.vlmo import ITC_LOSSES
 from modes import register_mode
 from modes.base import PretrainData, PretrainMode
 from util.errors import UserError
+from util.flag_checks import fraction
 from util.itc_eval import retrieval_set, zero_shot_set
 from util.itc_monitor import ContrastiveMonitor
 from util.logger import LOG
@@ -77,10 +78,10 @@ class ImageTextITC(PretrainMode):
     @staticmethod
     def add_args(group):
         group.add_argument("--itc_loss", default="clip", choices=ITC_LOSSES, help="image_text_itc: the loss")
-        group.add_argument("--itc_crop_min_scale", type=float, default=0.5,
+        group.add_argument("--itc_crop_min_scale", type=fraction(open_low=True), default=0.5,
                            help="image_text_itc: smallest random-crop area share of a training image (1.0: the "
                                 "whole image)")
-        group.add_argument("--itc_flip_prob", type=float, default=0.0,
+        group.add_argument("--itc_flip_prob", type=fraction(), default=0.0,
                            help="image_text_itc: horizontal flip probability of a training image (default 0: "
                                 "captions describe left and right, and images hold text)")
         group.add_argument("--siglip_bias_init", default="prior",
@@ -98,10 +99,6 @@ class ImageTextITC(PretrainMode):
     def resolve_defaults(args):
         if args.clip_grad is None:
             args.clip_grad = 1.0  # a fresh run spikes once it leaves chance; --clip_grad 0 turns it off
-        if not 0.0 <= args.itc_flip_prob <= 1.0:
-            raise UserError(f"--itc_flip_prob {args.itc_flip_prob}: a probability in [0, 1]")
-        if not 0.0 < args.itc_crop_min_scale <= 1.0:
-            raise UserError(f"--itc_crop_min_scale {args.itc_crop_min_scale}: an area share in (0, 1]")
         if args.siglip_bias_init != "prior":
             try:
                 args.siglip_bias_init = float(args.siglip_bias_init)

@@ -18,6 +18,8 @@ from custom_datasets.text_dataset import CaptionDataset
 from modes import register_mode
 from modes.base import PretrainData, PretrainMode
 from util.evaluation import EvalSet
+from util.flag_checks import fraction
+from util.logger import LOG
 
 
 def masked_logits(backbone, batch):
@@ -58,12 +60,16 @@ class TextMLM(PretrainMode):
 
     @staticmethod
     def add_args(group):
-        group.add_argument("--mlm_prob", type=float, default=0.15, help="text_mlm: share of tokens masked")
+        group.add_argument("--mlm_prob", type=fraction(open_low=True), default=0.15, help="text_mlm: share of tokens masked")
 
     def build_data(self, tokenizer, image_state, rank, world_size, grid):
         a = self.args
         train_set = CaptionDataset(a.data_path, flag="--data_path")
         val_set = CaptionDataset(a.val_data_path, flag="--val_data_path") if a.val_data_path else None
+        for flag, ds in (("--data_path", train_set), ("--val_data_path", val_set)):
+            if ds is not None and ds.num_empty_skipped:
+                LOG.warning(f"{flag} {ds.path}: skipped {ds.num_empty_skipped} empty caption(s) of "
+                            f"{ds.num_empty_skipped + len(ds)}")
         collate = MLMCollator(tokenizer, seed=a.seed, mask_prob=a.mlm_prob)
         loader, sampler = train_loader(train_set, collate, a.batch_size, rank, world_size, a.seed, a.num_workers,
                                        a.pin_mem, "--data_path")

@@ -13,6 +13,9 @@
 #   SHUTDOWN_TIMEOUT  seconds torchrun lets the workers save after SIGTERM/SIGINT/SIGUSR1 before SIGKILL
 #                   (default 240; keep it below the sbatch's --signal lead time, 300 s)
 #   MAX_RESTARTS    torchrun --max-restarts (default 0): a restart resumes from the output folder's checkpoint
+#   SKIP_CHECK      1: do not run `main_pretrain_cook.py --check` first (it validates the flags and files,
+#                   reads one batch and builds the model on the meta device in one process, and a mistake
+#                   then stops the launch with its one error line and exit 2, before torchrun starts N ranks)
 
 launch_pretrain() {
   local nproc=${NPROC_PER_NODE:-}
@@ -36,6 +39,12 @@ launch_pretrain() {
   # torchrun passes these signals on to every worker, which finish the step, save together and exit 75
   local -a signals=(--signals-to-handle SIGTERM,SIGINT,SIGUSR1 --shutdown-timeout "${SHUTDOWN_TIMEOUT:-240}"
                     --max-restarts "${MAX_RESTARTS:-0}")
+  if [ "${SKIP_CHECK:-0}" != 1 ]; then
+    local python=python
+    [ -x .venv/bin/python ] && python=.venv/bin/python
+    echo "[launch] checking: $python main_pretrain_cook.py --check $*"
+    "$python" main_pretrain_cook.py --check "$@" || return $?
+  fi
   echo "[launch] $torchrun ${rdzv[*]} ${signals[*]} --nproc_per_node $nproc main_pretrain_cook.py $*"
   "$torchrun" "${rdzv[@]}" "${signals[@]}" --nproc_per_node "$nproc" main_pretrain_cook.py "$@"
 }

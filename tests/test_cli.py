@@ -123,4 +123,4 @@ def test_bad_input_in_a_real_process_has_no_traceback(data, tmp_path):
     proc = run_entry("main_pretrain_cook.py", ["--exp_name", "text_mlm", "--data_path", str(tmp_path / "x.json")],
                      check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip() == f"error: --data_path: not found: {tmp_path / 'x.json'}"
+    assert proc.stderr.strip() == f"error: --data_path {tmp_path / 'x.json'}: not found"

@@ -124,7 +124,7 @@ def test_empty_dataset(tmp_path, name, text):
 def test_not_utf8(tmp_path):
     path = tmp_path / "latin1.txt"
     path.write_bytes("ok\ncaf\xe9\n".encode("latin-1"))
-    with pytest.raises(UserError, match="line 2 is not UTF-8"):
+    with pytest.raises(UserError, match=r"latin1.txt:2: not UTF-8 text \(byte 0xe9 at column 4\)"):
         CaptionDataset(path)
 
 

@@ -9,12 +9,15 @@ import sys
 import yaml
 
 from util.errors import UserError
+from util.flag_checks import check_config_values, fraction, non_negative_float, positive_float, positive_int
 
 
 class _Parser(argparse.ArgumentParser):
     """argparse that raises UserError (one line, no usage dump) instead of exiting."""
 
     def error(self, message):
+        if message.endswith("expected one argument"):  # e.g. `--blr -1e-4`: argparse reads -1e-4 as a flag
+            message += "; a value that starts with '-' is written --flag=-value"
         raise UserError(message)
 
 
@@ -28,7 +31,7 @@ def add_run_args(group):
     """Flags every training entry point takes: logging, seed, precision, device, process-group backend."""
     group.add_argument("--log_dir", default=None, help="TensorBoard folder (default: --output_dir)")
     group.add_argument("--seed", type=int, default=0)
-    group.add_argument("--log_freq", type=int, default=20, help="optimizer steps between log lines")
+    group.add_argument("--log_freq", type=positive_int(), default=20, help="optimizer steps between log lines")
     group.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="auto: bf16 autocast on CUDA, fp32 on CPU")
     group.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -37,16 +40,17 @@ def add_run_args(group):
 
 def add_optimizer_args(group, epochs, warmup_epochs, blr, betas):
     """Optimisation flags of both entry points (defaults differ between pretraining and fine-tuning)."""
-    group.add_argument("--batch_size", type=int, default=64, help="per process, per accumulation step")
-    group.add_argument("--accum_iter", type=int, default=1, help="micro-batches per optimizer step")
-    group.add_argument("--epochs", type=int, default=epochs)
-    group.add_argument("--warmup_epochs", type=float, default=warmup_epochs, help="linear lr warmup, then cosine")
-    group.add_argument("--blr", type=float, default=blr, help="lr = blr * effective batch / 256")
-    group.add_argument("--lr", type=float, default=None, help="absolute lr (overrides --blr)")
-    group.add_argument("--min_lr", type=float, default=1e-6, help="lr at the end of the cosine schedule")
-    group.add_argument("--weight_decay", type=float, default=0.05, help="AdamW decoupled weight decay")
-    group.add_argument("--opt_betas", type=float, nargs=2, default=list(betas), help="AdamW betas")
-    group.add_argument("--clip_grad", type=float, default=None, help="clip the gradient norm to this (off: None)")
+    group.add_argument("--batch_size", type=positive_int(), default=64, help="per process, per accumulation step")
+    group.add_argument("--accum_iter", type=positive_int(), default=1, help="micro-batches per optimizer step")
+    group.add_argument("--epochs", type=positive_int(), default=epochs)
+    group.add_argument("--warmup_epochs", type=non_negative_float(), default=warmup_epochs, help="linear lr warmup, then cosine")
+    group.add_argument("--blr", type=positive_float(), default=blr, help="lr = blr * effective batch / 256")
+    group.add_argument("--lr", type=non_negative_float(), default=None, help="absolute lr (overrides --blr)")
+    group.add_argument("--min_lr", type=non_negative_float(), default=1e-6, help="lr at the end of the cosine schedule")
+    group.add_argument("--weight_decay", type=non_negative_float(), default=0.05, help="AdamW decoupled weight decay")
+    group.add_argument("--opt_betas", type=fraction(open_high=True), nargs=2, default=list(betas), help="AdamW betas")
+    group.add_argument("--clip_grad", type=non_negative_float(), default=None,
+                       help="clip the gradient norm to this; 0: off (default: off, image_text_itc 1.0)")
 
 
 def parse_with_config(parser, argv):
@@ -68,7 +72,9 @@ def parse_with_config(parser, argv):
         if unknown:
             raise UserError(f"--config {pre.config}: unknown option(s) {unknown}")
         parser.set_defaults(**values)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    check_config_values(parser, args, pre.config)
+    return args
 
 
 def git_commit():

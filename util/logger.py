@@ -16,8 +16,20 @@ from util import dist as du
 LOG = logging.getLogger("vlmo")
 
 
+class _Held(logging.Handler):
+    """Keeps the records logged before the run's folder exists, for console.log once it does."""
+
+    def __init__(self):
+        super().__init__()
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
 def setup_logging(output_dir, rank, filename="console.log"):
-    """Rank 0 logs INFO to stdout and `<output_dir>/console.log`; other ranks log warnings only."""
+    """Rank 0 logs INFO to stdout and `<output_dir>/console.log`; other ranks log warnings only. Without an
+    `output_dir` only the console is set up, and what is logged is held for `attach_log_file`."""
     LOG.handlers.clear()
     LOG.propagate = False
     LOG.setLevel(logging.INFO if rank == 0 else logging.WARNING)
@@ -26,12 +38,32 @@ def setup_logging(output_dir, rank, filename="console.log"):
     stream = logging.StreamHandler(sys.stdout if rank == 0 else sys.stderr)
     stream.setFormatter(fmt)
     LOG.addHandler(stream)
-    if rank == 0 and output_dir:
-        os.makedirs(output_dir, exist_ok=True)
-        fh = logging.FileHandler(os.path.join(output_dir, filename))
-        fh.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
-        LOG.addHandler(fh)
+    if rank == 0:
+        if output_dir:
+            attach_log_file(output_dir, filename)
+        else:
+            LOG.addHandler(_Held())
     return LOG
+
+
+def attach_log_file(output_dir, filename="console.log"):
+    """(rank 0) Start `<output_dir>/<filename>` (appended to), beginning with the lines held since start-up."""
+    os.makedirs(output_dir, exist_ok=True)
+    fh = logging.FileHandler(os.path.join(output_dir, filename))
+    fh.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    for held in [h for h in LOG.handlers if isinstance(h, _Held)]:
+        for record in held.records:
+            fh.handle(record)
+        LOG.removeHandler(held)
+    LOG.addHandler(fh)
+
+
+def write_to_log_file(message):
+    """Append `message` to console.log only (the console already shows it), when the run has one."""
+    record = LOG.makeRecord(LOG.name, logging.ERROR, __file__, 0, message, None, None)
+    for h in LOG.handlers:
+        if isinstance(h, logging.FileHandler):
+            h.handle(record)
 
 
 class MetricWindow:

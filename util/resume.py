@@ -91,6 +91,10 @@ def load_own(output_dir):
 def plan_resume(output_dir, resume, mode):
     """Decide and load (weights_only, checksum verified) the checkpoint a run starts from."""
     own, ckpt = load_own(output_dir)
+    if own and ckpt.get("mode") not in (None, mode):
+        raise UserError(f"--output_dir {output_dir}: holds {own}, a checkpoint of a {ckpt['mode']} run, and this "
+                        f"is a {mode} run; pick another --output_dir (to start from those weights, add --resume "
+                        f"{own})")
     if own:
         note = f" (takes precedence over --resume {resume})" if resume and resume != "auto" else ""
         return ResumePlan("train", own, ckpt, f"resuming this run from {own} (global step {ckpt['global_step']})"

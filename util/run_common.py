@@ -75,12 +75,20 @@ def resolve_batch_and_lr(args, world_size):
 
 def entry_point(parse_args, run, argv):
     """Parse and run; each way a run stops becomes one line and its exit code (util/errors.py): a UserError
-    (bad flag, file or format) `error: ...` and 2, a non-finite loss 3, a failed write 4, a preemption 75."""
+    (bad flag, file or format) `error: ...` and 2, a non-finite loss 3, a failed write 4, a preemption 75.
+    A user error is printed by rank 0 only (every rank sees the same flags and files) and, once the run's
+    folder exists, also appended to its console.log."""
+    from util.logger import setup_logging
+
+    setup_logging(None, launch_rank())  # the console; lines are held for console.log until it exists
     try:
         args = parse_args(argv)
         return run(args, argv)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        if launch_rank() == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            from util.logger import write_to_log_file
+            write_to_log_file(f"error: {e}")
         raise SystemExit(EXIT_USER_ERROR) from None
     except NonFiniteLoss as e:
         LOG.error(f"stopping: {e}")
@@ -99,24 +107,50 @@ def entry_point(parse_args, run, argv):
         du.cleanup()
 
 
-def start_run(args, resolve_run_args, console_name="console.log"):
-    """Process group, device check, resolved args, output folder and logging: the first steps of every run."""
+def launch_rank():
+    """This process's rank as the launcher set it (torchrun, srun), before any process group exists."""
     import os
 
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+
+
+def start_processes(args, resolve_run_args):
+    """Process group, device check and resolved args. Creates no file: console.log starts in open_run_folder
+    (with the lines logged before it)."""
     env = du.init_distributed(args.dist_backend, "cpu" if args.device == "cpu" else None)
     if args.device == "cuda" and env.device.type != "cuda":
         raise UserError("--device cuda: no CUDA device is available")
     resolve_run_args(args, env.world_size)
-    os.makedirs(args.output_dir, exist_ok=True)
-    from util.logger import setup_logging
-    setup_logging(args.output_dir, env.rank, console_name)
+    return env
+
+
+def open_run_folder(args, env, console_name="console.log"):
+    """The output folder and its console.log (with the lines logged since start-up); stale partial files of
+    a stopped writer removed."""
+    import os
+
+    from util.flag_checks import check_output_dir
+
+    check_output_dir(args.output_dir)
+    try:
+        os.makedirs(args.output_dir, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--output_dir {args.output_dir}: cannot be created ({e.strerror})") from None
     if env.is_main:
+        from util.logger import attach_log_file
+        attach_log_file(args.output_dir, console_name)
         from util.checkpoint import remove_stale_partials
         stale = remove_stale_partials(args.output_dir)
         if stale:
             LOG.warning(f"removed {len(stale)} partial file(s) a stopped writer left in {args.output_dir}: "
                         f"{', '.join(stale)}")
     du.barrier()
+
+
+def start_run(args, resolve_run_args, console_name="console.log"):
+    """start_processes, then open_run_folder: the first steps of a run that reads nothing before."""
+    env = start_processes(args, resolve_run_args)
+    open_run_folder(args, env, console_name)
     return env
 
 
