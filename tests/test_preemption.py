@@ -147,3 +147,32 @@ def test_another_world_size_keeps_the_effective_batch_or_refuses(data, straight,
     assert "--accum_iter 1 -> 2 keeps the effective batch" in proc.stdout
     assert "fresh random stream" in proc.stdout
     _assert_same(load_ckpt(latest), straight, atol=2e-5)
+
+
+def _workers(pid):
+    """The training processes torchrun `pid` started (its children running the entry point)."""
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        children = [int(p) for p in f.read().split()]
+    found = []
+    for child in children:
+        with open(f"/proc/{child}/cmdline", "rb") as f:
+            if b"main_pretrain_cook.py" in f.read():
+                found.append(child)
+    return found
+
+
+def test_torchrun_restarts_a_dead_worker_from_the_last_checkpoint(data, straight, tmp_path):
+    out = str(tmp_path / "run")
+    args = _args(data, out, batch=3, extra=["--save_every_steps", "5"])
+    # as scripts/launch_torchrun.sh: a c10d rendezvous (--standalone); one restart is all it may take (the
+    # restarted round keeps its process-group keys apart from the dead round's: util/dist.py:_round_store)
+    proc = start_entry("main_pretrain_cook.py", args, nproc=2, launcher=["--standalone", "--max-restarts", "1"])
+    latest = os.path.join(out, "checkpoint-latest.pth")
+    assert wait_for(proc, lambda: os.path.exists(latest))
+    workers = _workers(proc.pid)
+    assert len(workers) == 2
+    os.kill(workers[1], signal.SIGKILL)
+    output = finish(proc, timeout=240)
+    assert proc.returncode == 0, output[-3000:]
+    assert "resuming this run from" in output  # the restarted workers continued the run
+    _assert_same(load_ckpt(latest), straight, atol=2e-5)

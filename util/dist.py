@@ -65,8 +65,24 @@ def init_distributed(backend=None, device=None):
     backend = backend or ("nccl" if use_cuda else "gloo")
     if world > 1 and not dist.is_initialized():
         kwargs = {"device_id": dev} if backend == "nccl" else {}
-        dist.init_process_group(backend=backend, rank=rank, world_size=world, **kwargs)
+        dist.init_process_group(backend=backend, rank=rank, world_size=world, **_round_store(rank, world), **kwargs)
     return DistEnv(rank, world, local, dev, backend if world > 1 else "", launcher)
+
+
+def _round_store(rank, world):
+    """{"store": ...} for a round torchrun restarted (--max-restarts), else {} (env:// as usual).
+
+    torchrun's workers share the agent's TCPStore across restart rounds, and the process group writes its
+    keys (each rank's gloo/nccl address) under the same names every round: a restarted rank can read the
+    address of the rank that died and fail with "connectFullMesh ... Connection refused" (or hang), or not,
+    depending on which rank writes first. Prefixing the keys with the restart count keeps rounds apart."""
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if not restart or restart == "0":
+        return {}
+    from torch.distributed.rendezvous import rendezvous
+
+    store, _, _ = next(rendezvous("env://", rank=rank, world_size=world))
+    return {"store": dist.PrefixStore(f"vlmo_restart_{restart}", store)}
 
 
 def is_dist():
