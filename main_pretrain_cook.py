@@ -150,7 +150,7 @@ def parse_args(argv=None):
         raise UserError(f"{'--img_size' if args.img_size else '--model_kwargs img_size'} {e}") from None
     if not args.data_path:
         raise UserError("--data_path is required (on the command line or in the --config file)")
-    check_paths(args, ("data_path", "val_data_path", "tokenizer", "image_tower_weights", "zeroshot_data_path",
+    check_paths(args, ("data_path", "val_data_path", "image_tower_weights", "zeroshot_data_path",
                        "zeroshot_classnames", "zeroshot_templates"))
     get_mode(args.mode).check_inputs(args, grid)
     args.log_dir = args.log_dir or args.output_dir

@@ -1,10 +1,16 @@
 """BERT-style WordPiece tokenizer built on HF `tokenizers`, plus training and (de)serialisation.
 
-The vocabulary is the only learned part; the rest of the pipeline is rebuilt here from it and a
-casing flag, so every source (vocab.txt, tokenizer.json, checkpoint state) tokenizes identically:
-BertNormalizer (clean text, spaces around CJK characters so Chinese splits per character, accents
-KEPT even when lowercasing so Vietnamese/French survive), BertPreTokenizer, WordPiece with "##"
-continuation and [UNK], and a post-processor producing [CLS] ... [SEP].
+The vocabulary is the only learned part; the rest of the pipeline is rebuilt here from it, a casing
+flag and an accent flag, so every source (vocab.txt, tokenizer.json, checkpoint state) tokenizes as
+Hugging Face's BertTokenizerFast does for the same files: BertNormalizer (clean text, spaces around CJK
+characters so Chinese splits per character, lowercasing, accent stripping), BertPreTokenizer, WordPiece
+with "##" continuation and [UNK], and a post-processor producing [CLS] ... [SEP].
+
+Accents follow the source, as in HF: tokenizer_config.json's `strip_accents`, else tokenizer.json's
+normalizer, else HF's rule (stripped when lowercasing; a bare vocab.txt such as bert-base-uncased's
+turns "café" into "cafe"). Vocabularies this project trains KEEP accents (Vietnamese and French captions
+survive lowercasing) and write `"strip_accents": false` into both files. Checkpoint states written before
+the flag existed kept accents, and still do.
 """
 import json
 import os
@@ -28,12 +34,13 @@ class WordPieceTokenizer:
     """Tokenizes captions into padded id tensors.
 
     Attributes: vocab_size, pad_id, cls_id, sep_id, mask_id, unk_id, special_ids (frozenset),
-    max_len (includes [CLS] and [SEP]), do_lower_case, tokens (list: id -> token string).
+    max_len (includes [CLS] and [SEP]), do_lower_case, strip_accents, tokens (list: id -> token string).
     """
 
-    def __init__(self, tokens, do_lower_case=True, max_len=196, special_tokens=None):
+    def __init__(self, tokens, do_lower_case=True, max_len=196, special_tokens=None, strip_accents=False):
         self.tokens = list(tokens)
         self.do_lower_case = bool(do_lower_case)
+        self.strip_accents = bool(strip_accents)
         self.max_len = int(max_len)
         if self.max_len < 2:
             raise UserError(f"tokenizer max_len must be >= 2 (room for [CLS] and [SEP]), got {max_len}")
@@ -55,7 +62,7 @@ class WordPieceTokenizer:
         tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token=self.special_tokens["unk"],
                                          continuing_subword_prefix="##"))
         tok.normalizer = normalizers.BertNormalizer(
-            clean_text=True, handle_chinese_chars=True, strip_accents=False,
+            clean_text=True, handle_chinese_chars=True, strip_accents=self.strip_accents,
             lowercase=self.do_lower_case)
         tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         cls, sep = self.special_tokens["cls"], self.special_tokens["sep"]
@@ -104,6 +111,7 @@ class WordPieceTokenizer:
             "format": STATE_FORMAT,
             "vocab": "\n".join(self.tokens),
             "do_lower_case": self.do_lower_case,
+            "strip_accents": self.strip_accents,
             "max_len": self.max_len,
             "special_tokens": [self.special_tokens[r] for r in SPECIAL_ROLES],
         }
@@ -115,7 +123,7 @@ class WordPieceTokenizer:
         with open(out / "vocab.txt", "w", encoding="utf-8", newline="\n") as f:
             f.write("".join(t + "\n" for t in self.tokens))
         config = {"tokenizer_class": "BertTokenizer", "do_lower_case": self.do_lower_case,
-                  "strip_accents": False, "tokenize_chinese_chars": True,
+                  "strip_accents": self.strip_accents, "tokenize_chinese_chars": True,
                   "model_max_length": self.max_len}
         config.update({f"{r}_token": self.special_tokens[r] for r in SPECIAL_ROLES})
         with open(out / "tokenizer_config.json", "w", encoding="utf-8") as f:
@@ -132,7 +140,7 @@ class WordPieceTokenizer:
 
     def __repr__(self):
         return (f"WordPieceTokenizer(vocab_size={self.vocab_size}, do_lower_case={self.do_lower_case},"
-                f" max_len={self.max_len})")
+                f" strip_accents={self.strip_accents}, max_len={self.max_len})")
 
 
 def _init_kwargs_from_state(state):
@@ -140,7 +148,7 @@ def _init_kwargs_from_state(state):
         raise UserError(f"checkpoint tokenizer state is not in format {STATE_FORMAT!r}; "
                         "was it written by this codebase?")
     return {"tokens": state["vocab"].split("\n"), "do_lower_case": state["do_lower_case"],
-            "max_len": state["max_len"],
+            "max_len": state["max_len"], "strip_accents": state.get("strip_accents", False),
             "special_tokens": dict(zip(SPECIAL_ROLES, state["special_tokens"]))}
 
 
@@ -160,7 +168,8 @@ def _read_vocab_txt(path):
 
 
 def _read_tokenizer_json(path):
-    """WordPiece vocab (list by id) and the file's own lowercase flag (None if it has none)."""
+    """WordPiece vocab (list by id) and the file's own BertNormalizer flags {"lowercase", "strip_accents"}
+    (a flag the file does not set is None)."""
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
@@ -173,7 +182,7 @@ def _read_tokenizer_json(path):
                         f"(found model type {model.get('type')!r})")
     vocab = model["vocab"]
     if not vocab:
-        return [], None
+        return [], {}
     tokens = [None] * (max(vocab.values()) + 1)
     for tok, i in vocab.items():
         if "\n" in tok:
@@ -182,8 +191,8 @@ def _read_tokenizer_json(path):
     # Holes in the id range get unique filler tokens so ids stay positional.
     tokens = [t if t is not None else f"[unused_hole_{i}]" for i, t in enumerate(tokens)]
     norm = data.get("normalizer") or {}
-    lowercase = norm.get("lowercase") if norm.get("type") == "BertNormalizer" else None
-    return tokens, lowercase
+    flags = {k: norm.get(k) for k in ("lowercase", "strip_accents")} if norm.get("type") == "BertNormalizer" else {}
+    return tokens, flags
 
 
 def _read_config(folder):
@@ -210,12 +219,19 @@ def _special_tokens_from_config(cfg):
 
 
 def load_tokenizer(path, do_lower_case=None, max_len=196):
-    """Load a WordPiece tokenizer from vocab.txt, tokenizer.json or a folder holding either.
+    """Load a WordPiece tokenizer from vocab.txt, tokenizer.json, a folder holding either, or a Hugging Face
+    hub name (`bert-base-uncased`, `org/name`) found in the local HF cache (custom_datasets.hf_cache).
 
     A folder prefers tokenizer.json over vocab.txt. Casing: the explicit argument wins, then
-    tokenizer_config.json's do_lower_case, then tokenizer.json's normalizer flag, then True.
+    tokenizer_config.json's do_lower_case, then tokenizer.json's normalizer flag, then True. Accents:
+    tokenizer_config.json's strip_accents, then tokenizer.json's, then stripped when lowercasing (HF's rule,
+    and what BertTokenizerFast does for a bare vocab.txt).
     """
+    from custom_datasets.hf_cache import is_hub_name, snapshot_folder
+
     p = Path(os.path.expanduser(str(path)))
+    if not p.exists() and is_hub_name(str(path)):
+        p = snapshot_folder(str(path))
     if p.is_dir():
         folder = p
         candidates = [p / "tokenizer.json", p / "vocab.txt"]
@@ -227,20 +243,25 @@ def load_tokenizer(path, do_lower_case=None, max_len=196):
     else:
         raise UserError(f"tokenizer not found: {p}; {_HOW_TO_GET}")
 
-    json_lowercase = None
+    json_flags = {}
     if file.suffix == ".json":
-        tokens, json_lowercase = _read_tokenizer_json(file)
+        tokens, json_flags = _read_tokenizer_json(file)
     else:
         tokens = _read_vocab_txt(file)
     if not tokens:
         raise UserError(f"tokenizer vocabulary {file} is empty; {_HOW_TO_GET}")
     cfg = _read_config(folder)
     if do_lower_case is None:
-        do_lower_case = cfg.get("do_lower_case", json_lowercase)
+        do_lower_case = cfg.get("do_lower_case", json_flags.get("lowercase"))
     if do_lower_case is None:
         do_lower_case = True
+    strip_accents = cfg.get("strip_accents")
+    if strip_accents is None:
+        strip_accents = json_flags.get("strip_accents")
+    if strip_accents is None:
+        strip_accents = do_lower_case
     return WordPieceTokenizer(tokens, do_lower_case=do_lower_case, max_len=max_len,
-                              special_tokens=_special_tokens_from_config(cfg))
+                              special_tokens=_special_tokens_from_config(cfg), strip_accents=strip_accents)
 
 
 class _CountingTexts:

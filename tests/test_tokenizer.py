@@ -86,11 +86,21 @@ def test_casing_from_config_and_flag(tmp_path):
     assert pieces(load_tokenizer(uncased, do_lower_case=False), "Red Circle")[1:3] == ["Red", "Circle"]
 
 
-def test_accents_survive_lowercasing(tmp_path):
-    tok = load_tokenizer(write_vocab(tmp_path / "v", bert_like_vocab()), do_lower_case=True)
-    assert pieces(tok, "Hà Nội")[1:-1] == ["hà", "nội"]
-    ids, _ = tok.encode_batch(["Hà Nội"])
-    assert tok.decode(ids[0]) == "hà nội"
+def test_accents_follow_the_source_and_default_to_hfs_rule(tmp_path):
+    bare = load_tokenizer(write_vocab(tmp_path / "bare", bert_like_vocab()), do_lower_case=True)
+    assert bare.strip_accents and pieces(bare, "Hà Nội")[1:-1] == ["ha", "noi"]  # as BertTokenizer: stripped
+    kept = load_tokenizer(write_vocab(tmp_path / "kept", bert_like_vocab(), {"strip_accents": False}))
+    assert not kept.strip_accents and pieces(kept, "Hà Nội")[1:-1] == ["hà", "nội"]
+    ids, _ = kept.encode_batch(["Hà Nội"])
+    assert kept.decode(ids[0]) == "hà nội"
+    cased = load_tokenizer(write_vocab(tmp_path / "cased", bert_like_vocab(), {"do_lower_case": False}))
+    assert not cased.strip_accents and pieces(cased, "Hà Nội")[1:-1] == ["Hà", "Nội"]
+    kept.save(tmp_path / "saved")  # what this project writes says so, in both files
+    assert json.loads((tmp_path / "saved" / "tokenizer_config.json").read_text())["strip_accents"] is False
+    assert not load_tokenizer(tmp_path / "saved" / "tokenizer.json").strip_accents
+    old_state = {k: v for k, v in kept.to_state().items() if k != "strip_accents"}  # saved before the flag
+    assert pieces(tokenizer_from_state(old_state), "Hà Nội")[1:-1] == ["hà", "nội"]
+    assert tokenizer_from_state(bare.to_state()).strip_accents
 
 
 def test_chinese_split_per_character(tmp_path):
