@@ -24,6 +24,9 @@ class _Parser(argparse.ArgumentParser):
 def make_parser(description):
     p = _Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", default=None, help="YAML file of defaults (flags given on the command line win)")
+    # `python -m torch.distributed.launch` passes --local-rank=N (older torch: --local_rank N); the rank is read
+    # from the environment it also sets (LOCAL_RANK), as under torchrun
+    p.add_argument("--local-rank", "--local_rank", dest="local_rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
 
 
