@@ -196,7 +196,7 @@ def _log_step(trainer, stats, where, timer, run_start, steps_done):
              f"{timer.data / max(timer.steps, 1):.3f}s step {elapsed / max(timer.steps, 1):.3f}s | {terms} | "
              f"lr {lr:.3e} | grad_norm {stats['grad_norm']:.3f} | peak mem {mem:.2f} GB")
     if trainer.run_log is not None:
-        trainer.run_log.write({"epoch": epoch, "step": step + 1, **stats, "lr": lr, "samples_per_s": samples_s,
+        trainer.run_log.write({"epoch": epoch + 1, "step": step + 1, **stats, "lr": lr, "samples_per_s": samples_s,
                                "data_time": timer.data / max(timer.steps, 1), "peak_mem_gb": mem}, global_step)
 
 
@@ -212,14 +212,38 @@ def evaluate(eval_set, model, device, autocast_dtype=None):
     model.eval()
     with autocast_context(device, autocast_dtype):
         prepared = eval_set.prepare(model) if eval_set.prepare is not None else None
-    parts = {}
-    for batch in eval_set.loader:
+    parts, progress = {}, _EvalProgress(eval_set.loader, eval_set.num_items)
+    for i, batch in enumerate(eval_set.loader):
         b, _ = batch_to_device(batch, device)
         with autocast_context(device, autocast_dtype):
             out = eval_set.predict(model, b, prepared)
         for k, v in out.items():
             parts.setdefault(k, []).append(v.detach())
+        progress.after(i + 1)
+    progress.done()
     local = {k: torch.cat(v).cpu() for k, v in parts.items()}
     merged = gather_items(local, eval_set.num_items)
     model.train(was_training)
     return eval_set.metrics(merged)
+
+
+class _EvalProgress:
+    """Console lines while an evaluation runs: at a quarter, half and three quarters of this rank's batches
+    (with the ETA), and when it is done."""
+
+    def __init__(self, loader, items):
+        try:
+            batches = len(loader)
+        except TypeError:  # an iterable dataset without a length: only the final line
+            batches = 0
+        self.batches, self.items, self.start = batches, items, time.perf_counter()
+        self.marks = {max(1, batches * q // 4) for q in (1, 2, 3)} - {batches}
+
+    def after(self, done):
+        elapsed = time.perf_counter() - self.start
+        if done in self.marks:
+            LOG.info(f"evaluating {self.items} held-out items: batch {done}/{self.batches} | "
+                     f"{elapsed:.1f}s | eta {format_duration(elapsed / done * (self.batches - done))}")
+
+    def done(self):
+        LOG.info(f"evaluated {self.items} held-out items in {time.perf_counter() - self.start:.1f}s")

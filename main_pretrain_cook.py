@@ -40,7 +40,7 @@ def get_args_parser():
     p = make_parser("Pretrain a VLMo-style multiway transformer")
     g = p.add_argument_group("run")
     g.add_argument("--exp_name", default="text_mlm", help="run name; selects the mode unless --mode is given")
-    g.add_argument("--mode", default=None, choices=mode_names())
+    g.add_argument("--mode", default=None, choices=mode_names(), help="the pretraining mode (default: from --exp_name)")
     g.add_argument("--output_dir", default="outputs/run", help="checkpoints, logs and args.json (created)")
     g.add_argument("--check", action="store_true",
                    help="validate flags and files, run a tokenizer round trip and one batch through the data "
@@ -52,7 +52,8 @@ def get_args_parser():
     g.add_argument("--model_kwargs", default=None,
                    help='JSON of registry overrides, e.g. \'{"embed_dim": 128, "depth": 4, "num_heads": 2, '
                         '"patch_size": 8}\' (a mapping in --config)')
-    g.add_argument("--ffn_layout", default="multiway", choices=["multiway", "shared"])
+    g.add_argument("--ffn_layout", default="multiway", choices=["multiway", "shared"],
+                   help="multiway: an expert FFN per modality (VLMo); shared: one FFN for all")
     g.add_argument("--img_size", type=positive_int(), default=None, help="default: the model's")
     g.add_argument("--drop_path", type=fraction(open_high=True), default=0.1, help="stochastic depth rate")
     g.add_argument("--image_tower", default="vit_base_patch16_224",
@@ -73,8 +74,9 @@ def get_args_parser():
     g.add_argument("--tokenizer", default=None,
                    help=f"vocab.txt, tokenizer.json or a folder; default: the resumed checkpoint's, else "
                         f"{DEFAULT_TOKENIZER}")
-    g.add_argument("--do_lower_case", default=None, action="store_true")
-    g.add_argument("--no_lower_case", dest="do_lower_case", action="store_false")
+    g.add_argument("--do_lower_case", default=None, action="store_true",
+                   help="lowercase text (default: the tokenizer's own setting)")
+    g.add_argument("--no_lower_case", dest="do_lower_case", action="store_false", help="keep the case of text")
     g.add_argument("--max_text_len", type=Bounded(int, 3), default=196,
                    help="tokens per caption, [CLS] and [SEP] included")
     g.add_argument("--image_norm", default=None, choices=sorted(IMAGE_NORMS),
@@ -85,7 +87,8 @@ def get_args_parser():
                         "resumed run's, else the mode's (image_text_itc 1.0, the whole image training sees; "
                         "others 0.875); saved with the run")
     g.add_argument("--num_workers", type=non_negative_int(), default=8, help="data loader processes per rank")
-    g.add_argument("--pin_mem", default=True, action=argparse.BooleanOptionalAction)
+    g.add_argument("--pin_mem", default=True, action=argparse.BooleanOptionalAction,
+                   help="page-locked host memory for batches (CUDA only)")
     g.add_argument("--max_image_pixels", type=positive_int(), default=DEFAULT_MAX_IMAGE_PIXELS,
                    help="larger images decode at reduced size (JPEG: 1/2, 1/4 or 1/8) or, when they cannot, are "
                         "replaced and listed like unreadable ones")
@@ -94,8 +97,9 @@ def get_args_parser():
     g = p.add_argument_group("LoRA and self-regularization")
     g.add_argument("--lora_rank", type=non_negative_int(), default=0, help="> 0: LoRA adapters of this rank")
     g.add_argument("--lora_alpha", type=positive_float(), default=1.0, help="scale = alpha / rank")
-    g.add_argument("--self_regularization", action="store_true")
-    g.add_argument("--reg_loss_weight", type=non_negative_float(), default=0.0)
+    g.add_argument("--self_regularization", action="store_true",
+                   help="with --lora_rank and --reg_loss_weight: keep the adapted model close to the loaded one")
+    g.add_argument("--reg_loss_weight", type=non_negative_float(), default=0.0, help="weight of the self-regularization loss")
     g = p.add_argument_group("checkpoints")
     g.add_argument("--resume", default="", help="training checkpoint, weights file, or 'auto'")
     g.add_argument("--save_per_epochs", type=non_negative_int(), default=20, help="keep a copy every N epochs")
@@ -165,6 +169,10 @@ def resolve_run_args(args, world_size):
     """Fill in everything derived from the launch (once; saved to args.json, never changed after)."""
     resolve_batch_and_lr(args, world_size)
     args.use_self_regularization = bool(args.self_regularization and args.reg_loss_weight > 0 and args.lora_rank > 0)
+    if args.self_regularization and not args.use_self_regularization:
+        LOG.warning(f"warning: --self_regularization needs --lora_rank > 0 and --reg_loss_weight > 0 (given "
+                    f"{args.lora_rank} and {args.reg_loss_weight:g}): it is off, and args.json says so")
+        args.self_regularization = False
     return args
 
 
@@ -232,6 +240,12 @@ def build_model(args, overrides, plan):
                  + (f"; dropped heads of another shape: {report['dropped']}" if report["dropped"] else ""))
     groups = configure_trainable(model, args.mode, args.lora_rank, args.lora_alpha, provided, args.lock_image,
                                  args.lock_text, args.reg_loss_weight if args.use_self_regularization else 0.0)
+    if args.lora_rank > 0 and not any("lora_" in n for names in groups.values() for n in names):
+        LOG.warning(f"warning: --lora_rank {args.lora_rank}: no loaded weight is on this mode's path (LoRA adapts the "
+                    "weights --resume provides), so no adapter exists and every parameter trains fully"
+                    + ("; --self_regularization is off with it" if args.use_self_regularization else "")
+                    + ". args.json records --lora_rank 0")
+        args.lora_rank, args.use_self_regularization, args.self_regularization = 0, False, False
     if plan.kind == "train":
         load_full_state(model, plan.state_dict, plan.path)
     return model, provided, groups

@@ -16,7 +16,7 @@ Kinds:
   failed_save              SIGTERM in epoch 1, then a run under a file-size limit below the checkpoint size
                            (a full disk): exit 4, the previous checkpoint unchanged; then the run without it
   truncated_latest         SIGTERM in epoch 2 (--save_per_epochs 1), checkpoint-latest.pth truncated to a third:
-                           the next run must fall back to checkpoint-0.pth (global step 16)
+                           the next run must fall back to checkpoint-1.pth (global step 16)
   flipped_byte             as truncated_latest, one byte inside a tensor record of the zip flipped instead
   world_size_change        2 ranks x batch 3, --save_every_steps 5, SIGKILL after the first checkpoint; resumed
                            on 1 rank with --batch_size 3 (--accum_iter 1 -> 2 keeps the effective batch)
@@ -355,7 +355,7 @@ def kind_failed_save(t, data):
 
 def damaged_latest_trial(t, data, damage):
     args = run_args(data, t.out, extra=["--save_per_epochs", "1"])
-    kept = os.path.join(t.out, "checkpoint-0.pth")
+    kept = os.path.join(t.out, "checkpoint-1.pth")
     k = t.rng.randint(STEPS // 2 + 1, STEPS - 2)
     started = t.start("signalled", args)
     t.inject_at(started, k, lambda p: os.kill(p.pid, signal.SIGTERM), f"SIGTERM (then {damage} latest)",

@@ -62,10 +62,13 @@ class ImageClassification(Task):
         g.add_argument("--aa", default="rand-m9-mstd0.5-inc1", help="timm auto-augment policy ('' for none)")
         g.add_argument("--reprob", type=float, default=0.25, help="random erasing probability")
         g.add_argument("--color_jitter", type=float, default=0.4, help="used when --aa is off")
-        g.add_argument("--mixup_prob", type=float, default=1.0)
-        g.add_argument("--mixup_switch_prob", type=float, default=0.5)
-        g.add_argument("--mixup_mode", default="batch", choices=["batch", "pair", "elem"])
-        g.add_argument("--train_crop_scale", type=float, nargs=2, default=[0.08, 1.0])
+        g.add_argument("--mixup_prob", type=float, default=1.0, help="share of batches mixed (mixup or cutmix)")
+        g.add_argument("--mixup_switch_prob", type=float, default=0.5,
+                       help="with both on: chance of cutmix instead of mixup")
+        g.add_argument("--mixup_mode", default="batch", choices=["batch", "pair", "elem"],
+                       help="one mixing factor per batch, per pair or per element")
+        g.add_argument("--train_crop_scale", type=float, nargs=2, default=[0.08, 1.0],
+                       help="random resized crop: area range (min max)")
 
     def _folder(self, split):
         root = self.args.data_path

@@ -55,7 +55,7 @@ def test_user_command_line_is_accepted_and_runs(data, tmp_path, monkeypatch):
     assert record["model_config"]["name"] == "vlmo_tiny_patch16"
     lines = [json.loads(x) for x in open("outputs/text_mlm/log.jsonl")]
     assert all("reg_loss" in x for x in lines if x["split"] == "train")
-    assert os.path.exists("outputs/text_mlm/console.log") and os.path.exists("outputs/text_mlm/checkpoint-0.pth")
+    assert os.path.exists("outputs/text_mlm/console.log") and os.path.exists("outputs/text_mlm/checkpoint-1.pth")
     assert any(f.startswith("events.out.tfevents") for f in os.listdir("outputs/text_mlm"))
     ckpt = torch.load("outputs/text_mlm/checkpoint-latest.pth", weights_only=True)
     from custom_datasets.tokenizer import load_tokenizer, tokenizer_from_state
@@ -124,3 +124,20 @@ def test_bad_input_in_a_real_process_has_no_traceback(data, tmp_path):
                      check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip() == f"error: --data_path {tmp_path / 'x.json'}: not found"
+
+
+def test_every_flag_has_help_with_its_default_and_model_lists_the_models():
+    import argparse
+
+    import main_finetune
+    from models.registry import model_names
+
+    for entry in (main_pretrain_cook, main_finetune):
+        parser = entry.get_args_parser()
+        bare = [a.option_strings[0] for a in parser._actions
+                if a.option_strings and a.help is not argparse.SUPPRESS and not a.help]
+        assert not bare, (entry.__name__, bare)
+        text = " ".join(parser.format_help().split())
+        assert "AdamW decoupled weight decay (default: 0.05)" in text and "(default: 0)" in text
+    text = " ".join(main_pretrain_cook.get_args_parser().format_help().split())
+    assert f"one of: {', '.join(model_names())} (default: vlmo_base_patch16)" in text

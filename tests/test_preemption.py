@@ -117,7 +117,7 @@ def test_the_checksum_catches_a_flipped_byte(tmp_path):
 def test_a_damaged_latest_falls_back_to_the_newest_kept_checkpoint(data, straight, tmp_path, damage):
     out = str(tmp_path / "run")
     args = _args(data, out, extra=["--save_per_epochs", "1"])
-    kept = os.path.join(out, "checkpoint-0.pth")
+    kept = os.path.join(out, "checkpoint-1.pth")
     assert _stopped_by_sigterm(args, out, lambda o: os.path.exists(kept) and logged_steps(o) >= 19) > 16
     latest = os.path.join(out, "checkpoint-latest.pth")
     if damage == "truncated":

@@ -40,9 +40,10 @@ class Checkpointer:
             self.save(epoch, step_in_epoch, global_step)
 
     def end_of_epoch(self, epoch, num_epochs, global_step):
-        """Latest checkpoint pointing at the next epoch; a kept copy every save_per_epochs and at the end."""
+        """Latest checkpoint pointing at the next epoch; a kept copy every save_per_epochs and at the end, named
+        after the epoch it completes (1-based: `checkpoint-4.pth` after the 4th)."""
         keep = (self.save_per_epochs and (epoch + 1) % self.save_per_epochs == 0) or epoch + 1 == num_epochs
-        self.save(epoch + 1, 0, global_step, keep_name=f"checkpoint-{epoch}.pth" if keep else None)
+        self.save(epoch + 1, 0, global_step, keep_name=f"checkpoint-{epoch + 1}.pth" if keep else None)
 
     def save(self, epoch, step_in_epoch, global_step, keep_name=None):
         bad = du.all_reduce_sum(self.nonfinite.to(torch.float32).reshape(1))

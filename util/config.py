@@ -33,11 +33,11 @@ def make_parser(description):
 def add_run_args(group):
     """Flags every training entry point takes: logging, seed, precision, device, process-group backend."""
     group.add_argument("--log_dir", default=None, help="TensorBoard folder (default: --output_dir)")
-    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--seed", type=int, default=0, help="seeds the data order, masking, augmentation and init")
     group.add_argument("--log_freq", type=positive_int(), default=20, help="optimizer steps between log lines")
     group.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="auto: bf16 autocast on CUDA, fp32 on CPU")
-    group.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    group.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when available")
     group.add_argument("--dist_backend", default=None, help="default: nccl with CUDA, gloo on CPU")
 
 
@@ -45,7 +45,7 @@ def add_optimizer_args(group, epochs, warmup_epochs, blr, betas):
     """Optimisation flags of both entry points (defaults differ between pretraining and fine-tuning)."""
     group.add_argument("--batch_size", type=positive_int(), default=64, help="per process, per accumulation step")
     group.add_argument("--accum_iter", type=positive_int(), default=1, help="micro-batches per optimizer step")
-    group.add_argument("--epochs", type=positive_int(), default=epochs)
+    group.add_argument("--epochs", type=positive_int(), default=epochs, help="passes over the training data")
     group.add_argument("--warmup_epochs", type=non_negative_float(), default=warmup_epochs, help="linear lr warmup, then cosine")
     group.add_argument("--blr", type=positive_float(), default=blr, help="lr = blr * effective batch / 256")
     group.add_argument("--lr", type=non_negative_float(), default=None, help="absolute lr (overrides --blr)")

@@ -1,7 +1,7 @@
 """Turn a LoRA training checkpoint into a merged weights file (W0 + B A * alpha / r, no `lora_*` tensors).
 
     python util/merge_lora.py --src outputs/text_mlm/checkpoint-latest.pth
-    python util/merge_lora.py --src outputs/text_mlm/checkpoint-99.pth --dst checkpoints/text_mlm_merged.pth
+    python util/merge_lora.py --src outputs/text_mlm/checkpoint-100.pth --dst checkpoints/text_mlm_merged.pth
 
 Writes (atomically) {"model", "model_config", "tokenizer", "image_preprocess", "source",
 "merged_from_lora_rank", "merged_from_mode", "trained_heads"}, loadable with `weights_only=True` and by
