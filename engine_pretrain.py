@@ -201,28 +201,34 @@ def _log_step(trainer, stats, where, timer, run_start, steps_done):
 
 
 @torch.no_grad()
-def evaluate(eval_set, model, device, autocast_dtype=None):
+def evaluate(eval_set, model, device, autocast_dtype=None, visuals=None):
     """`eval_set.metrics` over exactly its `num_items` items (util.evaluation.EvalSet), on every rank.
 
     Each rank predicts its shard; the per-item outputs of all ranks are gathered back into item order (and
     checked to cover every item once), so every rank computes the numbers one process would. Runs on the
-    unwrapped model (no DDP), so ranks may hold different batch counts.
+    unwrapped model (no DDP), so ranks may hold different batch counts. With a `visuals` dict, rank 0 adds
+    the eval set's pictures and texts to it (EvalSet.visualize).
     """
     was_training = model.training
     model.eval()
     with autocast_context(device, autocast_dtype):
         prepared = eval_set.prepare(model) if eval_set.prepare is not None else None
-    parts, progress = {}, _EvalProgress(eval_set.loader, eval_set.num_items)
+    parts, progress, first = {}, _EvalProgress(eval_set.loader, eval_set.num_items), None
     for i, batch in enumerate(eval_set.loader):
         b, _ = batch_to_device(batch, device)
         with autocast_context(device, autocast_dtype):
             out = eval_set.predict(model, b, prepared)
+        if i == 0:
+            first = b
         for k, v in out.items():
             parts.setdefault(k, []).append(v.detach())
         progress.after(i + 1)
     progress.done()
     local = {k: torch.cat(v).cpu() for k, v in parts.items()}
     merged = gather_items(local, eval_set.num_items)
+    if visuals is not None and eval_set.visualize is not None and du.rank() == 0 and first is not None:
+        with autocast_context(device, autocast_dtype):
+            visuals.update(eval_set.visualize(model, first, merged))
     model.train(was_training)
     return eval_set.metrics(merged)
 

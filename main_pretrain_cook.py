@@ -380,12 +380,13 @@ def check_run(args, env, plan, mode, tokenizer):
 
 def held_out(eval_sets, backbone, cfg, epoch, global_step, run_log):
     """Evaluate on every rank, log the numbers (console, TensorBoard, log.jsonl); stop on non-finite ones."""
-    stats = {}
+    stats, visuals = {}, {}
     for eval_set in eval_sets:
-        stats.update(evaluate(eval_set, backbone, cfg.device, cfg.autocast_dtype))
+        stats.update(evaluate(eval_set, backbone, cfg.device, cfg.autocast_dtype, visuals))
     when = "before training" if epoch == 0 else f"after epoch {epoch}"
     LOG.info(f"held-out {when}: " + " ".join(f"{k} {v:.4f}" for k, v in stats.items()))
     run_log.write({"epoch": epoch, **stats}, global_step, prefix="val")
+    run_log.visuals(visuals, global_step)
     if not all(math.isfinite(v) for v in stats.values()):
         raise NonFiniteLoss(f"non-finite held-out metrics {when}: {stats}")
 

@@ -3,6 +3,20 @@ import torch
 import torch.nn as nn
 
 
+def patchify(images, patch_size):
+    """[B, 3, H, W] -> [B, N, p*p*3] in the patch order of the patch embedding (row-major patches; inside a
+    patch row, column, then channel)."""
+    b, c, h, w = images.shape
+    x = images.reshape(b, c, h // patch_size, patch_size, w // patch_size, patch_size)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(b, (h // patch_size) * (w // patch_size), patch_size ** 2 * c)
+
+
+def unpatchify(patches, patch_size, grid):
+    """patchify's inverse: [B, N, p*p*3] -> [B, 3, H, W] for a (rows, cols) `grid`."""
+    b, (h, w), p = patches.shape[0], grid, patch_size
+    return patches.reshape(b, h, w, p, p, 3).permute(0, 5, 1, 3, 2, 4).reshape(b, 3, h * p, w * p)
+
+
 class PatchEmbed(nn.Module):
     def __init__(self, img_size=224, patch_size=16, in_chans=3, dim=768):
         super().__init__()

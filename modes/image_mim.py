@@ -18,23 +18,18 @@ import torch.nn.functional as F
 from custom_datasets.image_dataset import ImageFolderDataset, build_two_view_transform, collate_image_batch
 from custom_datasets.loaders import batches_per_epoch, eval_loader, train_loader
 from custom_datasets.masking_generator import MaskingGenerator
+from models.embeddings import patchify
 from models.vlmo import MIM_TARGETS
 from modes import register_mode
 from modes.base import PretrainData, PretrainMode
 from util.errors import UserError
+from util.eval_visuals import mim_panels
 from util.evaluation import EvalSet
 from util.flag_checks import Bounded, non_negative_float, positive_int
 from util.logger import LOG
 from util.run_setup import dvae_file
 
 DEFAULT_DVAE = "checkpoints/dall_e_tokenizer_weight/encoder.pkl"
-
-
-def patchify(images, patch_size):
-    """[B, 3, H, W] -> [B, N, p*p*3] in the patch order of the patch embedding."""
-    b, c, h, w = images.shape
-    x = images.reshape(b, c, h // patch_size, patch_size, w // patch_size, patch_size)
-    return x.permute(0, 2, 4, 3, 5, 1).reshape(b, (h // patch_size) * (w // patch_size), patch_size ** 2 * c)
 
 
 def target_statistics(labels, vocab_size):
@@ -95,14 +90,25 @@ class MimTargets:
         batch["mim_labels"] = self.dvae(batch["images_for_vae"])
 
 
-def held_out_set(loader, num_items, targets=None):
+def held_out_set(loader, num_items, targets=None, image_state=None):
     """The image_mim evaluation of a loader of two-view batches (also used by util/forgetting_probe.py);
-    `targets`: a MimTargets for dVAE targets."""
+    `targets`: a MimTargets for dVAE targets; with `image_state` (its mean/std), TensorBoard panels of the
+    first batch (util/eval_visuals.mim_panels)."""
     def predict(backbone, batch, prepared):
         if targets is not None:
             targets(batch)
         return predict_per_image(backbone, batch)
-    return EvalSet(loader=loader, num_items=num_items, predict=predict, metrics=per_patch_metrics)
+
+    def visualize(backbone, batch, merged):
+        mask = batch["bool_masked_pos"].bool()
+        pred = backbone.mim_head(backbone.norm(backbone.forward_image_features(batch["images"], mask))[:, 1:][mask])
+        dalle = backbone.config["mim_target"] == "dalle"
+        return {"images": mim_panels(batch["images"], mask, pred, backbone.patch_size, image_state["mean"],
+                                     image_state["std"], batch["mim_labels"] if dalle else None,
+                                     backbone.mim_head.out_features)}
+
+    return EvalSet(loader=loader, num_items=num_items, predict=predict, metrics=per_patch_metrics,
+                   visualize=visualize if image_state is not None else None)
 
 
 BEIT_MASKING = (75, 16)  # masked patches per image and the smallest block, for BEiT's 14x14 grid
@@ -213,4 +219,4 @@ class ImageMIM(PretrainMode):
     def eval_sets(self, data, tokenizer, image_state, rank, world_size):
         if data.val_loader is None:
             return []
-        return [held_out_set(data.val_loader, data.num_val, self.targets)]
+        return [held_out_set(data.val_loader, data.num_val, self.targets, image_state)]

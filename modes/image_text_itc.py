@@ -166,7 +166,7 @@ class ImageTextITC(PretrainMode):
     def eval_sets(self, data, tokenizer, image_state, rank, world_size):
         sets = []
         if data.val_loader is not None:
-            sets.append(retrieval_set(data.val_loader, data.val_dataset))
+            sets.append(retrieval_set(data.val_loader, data.val_dataset, image_state))
         if self.args.zeroshot_data_path:
             sets.append(build_zero_shot(self.args, tokenizer, image_state, rank, world_size))
         return sets

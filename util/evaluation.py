@@ -19,6 +19,9 @@ class EvalSet:
     # metrics({name: tensor [num_items, ...]} in item order) -> {metric: float}
     metrics: Callable
     prepare: Optional[Callable] = None
+    # visualize(model, first batch, merged outputs) -> {"images": {tag: [N, 3, H, W] in [0, 1]}, "text":
+    # {tag: markdown}} for TensorBoard (util/eval_visuals.py); called on rank 0 only, so no collectives
+    visualize: Optional[Callable] = None
 
 
 def gather_items(local, num_items):

@@ -126,6 +126,15 @@ class RunLog:
                           "training goes on, and a checkpoint that cannot be written stops the run (exit 4)")
                 self.jsonl = None
 
+    def visuals(self, visuals, step, prefix="val"):
+        """TensorBoard pictures ({"images": {tag: [N, 3, H, W] in [0, 1]}}) and markdown ({"text": {tag: str}})."""
+        if not self.enabled or self.writer is None:
+            return
+        for tag, images in visuals.get("images", {}).items():
+            self.writer.add_images(f"{prefix}/{tag}", images.detach().float().cpu(), step, dataformats="NCHW")
+        for tag, text in visuals.get("text", {}).items():
+            self.writer.add_text(f"{prefix}/{tag}", text, step)
+
     def close(self):
         if self.writer is not None:
             self.writer.close()
