@@ -141,3 +141,19 @@ def test_every_flag_has_help_with_its_default_and_model_lists_the_models():
         assert "AdamW decoupled weight decay (default: 0.05)" in text and "(default: 0)" in text
     text = " ".join(main_pretrain_cook.get_args_parser().format_help().split())
     assert f"one of: {', '.join(model_names())} (default: vlmo_base_patch16)" in text
+
+
+def test_noop_lora_and_a_long_warmup_warn_once_and_the_run_records_what_is_in_effect(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["--exp_name", "text_mlm", "--model", "vlmo_tiny_patch16", "--data_path", data["train"], "--tokenizer",
+            data["tokenizer"], "--batch_size", "8", "--epochs", "2", "--warmup_epochs", "2", "--num_workers", "0",
+            "--lora_rank", "64", "--self_regularization", "--reg_loss_weight", "10", "--output_dir", str(out)]
+    assert main_pretrain_cook.main(argv) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert len([x for x in printed if "warning: --lora_rank 64: no loaded weight" in x]) == 1
+    assert len([x for x in printed if "warning: --warmup_epochs 2 is not shorter than --epochs 2" in x]) == 1
+    record = json.load(open(out / "args.json"))["args"]
+    assert record["lora_rank"] == 0 and not record["self_regularization"] and not record["use_self_regularization"]
+    train = [json.loads(x) for x in open(out / "log.jsonl") if '"split": "train"' in x]
+    assert sorted({r["epoch"] for r in train}) == [1, 2]  # epochs count from 1, as the console and file names
+    assert (out / "checkpoint-2.pth").exists() and not (out / "checkpoint-0.pth").exists()

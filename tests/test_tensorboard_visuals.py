@@ -33,8 +33,10 @@ def test_image_mim_writes_input_masked_and_reconstruction_panels(demo_data, tmp_
     assert (image.width, image.height) == (SHOWN * (3 * 32 + 2 * 2), 32)  # the panels side by side
 
 
-def test_image_text_itc_writes_retrieval_images_and_top3_captions(demo_data, tmp_path):
+def test_image_text_itc_writes_retrieval_images_and_top3_captions(demo_data, tmp_path, capsys):
     _run(demo_data, tmp_path, "image_text_itc", demo_data["pairs_train"], demo_data["pairs_val"])
+    printed = capsys.readouterr().out
+    assert "evaluating 16 held-out items: batch 1/2" in printed and "evaluated 16 held-out items" in printed
     acc = _events(tmp_path)
     assert any(t.startswith("val/retrieval/images") for t in acc.Tags()["images"])
     (text_tag,) = [t for t in acc.Tags()["tensors"] if "top3_captions" in t]
