@@ -126,13 +126,21 @@ class DualEncoder(nn.Module):
             getattr(self, f"{tower}_tower").eval()
         return self
 
+    def pooled_image(self, images):
+        """[B, 3, H, W] -> the timm tower's pooled features [B, width]."""
+        return self.image_tower(images)
+
+    def pooled_text(self, text_ids, text_masks):
+        """[B, L] ids and mask -> the text tower's first ([CLS]) token [B, width]."""
+        return self.text_tower(text_ids, text_masks)
+
     def encode_image(self, images):
-        """[B, 3, H, W] -> L2-normalised [B, embed_dim] from the timm tower's pooled features."""
-        return F.normalize(self.itc_image_proj(self.image_tower(images)), dim=-1)
+        """[B, 3, H, W] -> L2-normalised [B, embed_dim]: pooled_image through the contrastive projection."""
+        return F.normalize(self.itc_image_proj(self.pooled_image(images)), dim=-1)
 
     def encode_text(self, text_ids, text_masks):
-        """[B, L] ids and mask -> L2-normalised [B, embed_dim] from the first ([CLS]) token."""
-        return F.normalize(self.itc_text_proj(self.text_tower(text_ids, text_masks)), dim=-1)
+        """[B, L] ids and mask -> L2-normalised [B, embed_dim]: pooled_text through the contrastive projection."""
+        return F.normalize(self.itc_text_proj(self.pooled_text(text_ids, text_masks)), dim=-1)
 
     def self_regularization_loss(self):
         """reg_loss_weight * sum over adapted layers of sum((W0 * delta)^2)."""

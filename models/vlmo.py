@@ -137,21 +137,26 @@ class VLMo(nn.Module):
         attn_mask = text_masks.bool()[:, None, None, :]
         return self._run_blocks(self.text_embeddings(text_ids), "text", attn_mask=attn_mask)
 
-    def encode_image(self, images):
-        """[B, 3, H, W] -> L2-normalised [B, D] from the image CLS token (or the patch mean, itc_pool="mean")."""
+    def pooled_image(self, images):
+        """[B, 3, H, W] -> [B, D]: the final-norm image CLS token (or the patch mean, itc_pool="mean")."""
         h = self.norm(self.forward_image_features(images))
-        pooled = h[:, 1:].mean(1) if self.config["itc_pool"] == "mean" else h[:, 0]
-        return F.normalize(self.itc_image_proj(pooled), dim=-1)
+        return h[:, 1:].mean(1) if self.config["itc_pool"] == "mean" else h[:, 0]
 
-    def encode_text(self, text_ids, text_masks):
-        """[B, L] ids and mask -> L2-normalised [B, D] from the text CLS token (or the token mean)."""
+    def pooled_text(self, text_ids, text_masks):
+        """[B, L] ids and mask -> [B, D]: the final-norm text CLS token (or the token mean)."""
         h = self.norm(self.forward_text_features(text_ids, text_masks))
         if self.config["itc_pool"] == "mean":
             w = text_masks.unsqueeze(-1).to(h.dtype)
-            pooled = (h * w).sum(1) / w.sum(1).clamp(min=1)
-        else:
-            pooled = h[:, 0]
-        return F.normalize(self.itc_text_proj(pooled), dim=-1)
+            return (h * w).sum(1) / w.sum(1).clamp(min=1)
+        return h[:, 0]
+
+    def encode_image(self, images):
+        """[B, 3, H, W] -> L2-normalised [B, D]: pooled_image through the contrastive projection."""
+        return F.normalize(self.itc_image_proj(self.pooled_image(images)), dim=-1)
+
+    def encode_text(self, text_ids, text_masks):
+        """[B, L] ids and mask -> L2-normalised [B, D]: pooled_text through the contrastive projection."""
+        return F.normalize(self.itc_text_proj(self.pooled_text(text_ids, text_masks)), dim=-1)
 
     # ---- regularisation (the training entry is modes/: PretrainModel(backbone, mode)) ----
     def self_regularization_loss(self):

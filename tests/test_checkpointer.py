@@ -40,7 +40,7 @@ def test_step_and_epoch_triggers_and_kept_copies(tmp_path):
     ck.end_of_epoch(0, 3, 4)   # epoch 1 of 3: latest only
     ck.end_of_epoch(1, 3, 8)   # epoch 2: kept copy (every 2)
     ck.end_of_epoch(2, 3, 12)  # last epoch: kept copy
-    assert sorted(os.listdir(tmp_path)) == ["checkpoint-1.pth", "checkpoint-2.pth", "checkpoint-latest.pth"]
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-2.pth", "checkpoint-3.pth", "checkpoint-latest.pth"]  # epochs from 1
     assert torch.load(tmp_path / "checkpoint-latest.pth", weights_only=True)["epoch"] == 3
 
 

@@ -252,7 +252,7 @@ def test_resume_from_epoch_one_matches_the_uninterrupted_run(trained, demo_data,
     task, out = "image_classification", trained("image_classification")
     resumed = tmp_path / "resumed"
     resumed.mkdir()
-    shutil.copyfile(os.path.join(out, "checkpoint-0.pth"), resumed / "checkpoint-latest.pth")
+    shutil.copyfile(os.path.join(out, "checkpoint-1.pth"), resumed / "checkpoint-latest.pth")
     argv = ["--task", task, "--finetune", ft["pretrain"], "--epochs", "2", "--output_dir", str(resumed), *COMMON,
             *task_data(task, demo_data, ft), *EXTRA[task]]
     assert main_finetune.main(argv) == 0

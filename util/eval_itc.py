@@ -18,11 +18,9 @@ from custom_datasets.pair_dataset import build_pair_dataset  # noqa: E402
 from custom_datasets.hf_tokenizer import tokenizer_from_any_state  # noqa: E402
 from custom_datasets.tokenizer import load_tokenizer  # noqa: E402
 from engine_pretrain import evaluate  # noqa: E402
-from models.registry import model_from_config  # noqa: E402
-from models.trainable import configure_trainable  # noqa: E402
+from inference import load_network  # noqa: E402
 from modes.image_text_itc import build_zero_shot  # noqa: E402
 from util import dist as du  # noqa: E402
-from util.checkpoint import extract_state_dict, load_file  # noqa: E402
 from util.errors import UserError  # noqa: E402
 from util.itc_eval import retrieval_set  # noqa: E402
 from util.logger import LOG, setup_logging  # noqa: E402
@@ -52,28 +50,10 @@ def parse_args(argv):
     return args
 
 
-def load_model(path, device):
-    ckpt = load_file(path, "--checkpoint")
-    sd, config = extract_state_dict(ckpt), ckpt.get("model_config") if isinstance(ckpt, dict) else None
-    if sd is None or not config:
-        raise UserError(f"--checkpoint {path}: no model weights with a model_config (a pretraining checkpoint "
-                        "or merged weights file is expected)")
-    model = model_from_config(config)
-    if any(".lora_" in k for k in sd):
-        # The network as trained: adapters where they were, on the modalities they served (a locked tower
-        # of the multiway model shares the attention but not its adapters), never merged.
-        a = ckpt.get("args", {})
-        configure_trainable(model, ckpt.get("mode") or "image_text_itc", int(a.get("lora_rank", 0)),
-                            float(a.get("lora_alpha", 1.0)), ckpt.get("provided_keys", []),
-                            bool(a.get("lock_image")), bool(a.get("lock_text")))
-    model.load_state_dict(sd)
-    return model.to(device).eval(), ckpt
-
-
 def evaluate_checkpoint(args, argv=None):
     env = du.init_distributed()
     setup_logging(None, env.rank)
-    model, ckpt = load_model(args.checkpoint, env.device)
+    model, ckpt = load_network(args.checkpoint, env.device)
     tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else tokenizer_from_any_state(ckpt["tokenizer"])
     image_state = dict(ckpt.get("image_preprocess") or image_preprocess_state(model.config["img_size"], crop_pct=1.0))
     if args.eval_crop_pct is not None:
