@@ -12,7 +12,8 @@ def train_loader(dataset, collate_fn, batch_size, rank, world_size, seed, num_wo
     if len(dataset) < batch_size * world_size:
         raise UserError(f"{flag}: {len(dataset)} samples are fewer than one global batch "
                         f"({batch_size} x {world_size} ranks); lower --batch_size")
-    sampler = KeyedDistributedSampler(len(dataset), world_size, rank, shuffle=True, seed=seed)
+    sampler = KeyedDistributedSampler(len(dataset), world_size, rank, shuffle=True, seed=seed,
+                                      order=getattr(dataset, "epoch_order", None))
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn,
                         num_workers=num_workers, pin_memory=pin_memory and torch.cuda.is_available(),
                         drop_last=True, persistent_workers=num_workers > 0,

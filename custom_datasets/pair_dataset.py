@@ -347,6 +347,7 @@ def build_pair_dataset(path: str, transform=None, *, seed: int = 0, split: str =
                        shuffle_buffer: int = 1000, rank=None, world_size=None):
     """Pick the dataset for `path` (`flag` names the option in error messages):
     - a .csv / .tsv file -> CsvPairDataset
+    - a .parquet file or a folder of them -> custom_datasets.parquet_pairs.ParquetPairDataset
     - a *_texts.jsonl file or a folder holding *_texts.jsonl -> MugePairDataset (`split` picks
       {split}_texts.jsonl in a folder)
     - a shard pattern (.../shard-{000000..000009}.tar), one .tar, or a folder of .tar files ->
@@ -365,6 +366,10 @@ def build_pair_dataset(path: str, transform=None, *, seed: int = 0, split: str =
     if samples_per_epoch is not None:
         raise UserError(f"{flag} {path}: samples_per_epoch applies to WebDataset shards only")
     low = path.lower()
+    if os.path.exists(path) and (low.endswith(".parquet") or os.path.isdir(path)):
+        from custom_datasets.parquet_pairs import ParquetPairDataset, is_parquet_path  # imports this module
+        if is_parquet_path(path):
+            return ParquetPairDataset(path, transform, seed)
     if os.path.isfile(path) and (low.endswith(".csv") or low.endswith(".tsv")):
         return CsvPairDataset(path, transform, seed)
     if low.endswith("_texts.jsonl") or (
@@ -373,5 +378,5 @@ def build_pair_dataset(path: str, transform=None, *, seed: int = 0, split: str =
         return MugePairDataset(texts, imgs, transform, seed)
     if not os.path.exists(path):
         raise UserError(f"{flag} {path}: not found")
-    raise UserError(f"{flag} {path}: not a pair dataset; expected a .csv/.tsv file, a "
+    raise UserError(f"{flag} {path}: not a pair dataset; expected a .csv/.tsv or .parquet file, a "
                     f"MUGE folder or *_texts.jsonl, or WebDataset .tar shards")

@@ -9,12 +9,14 @@ from torch.utils.data import Sampler
 class KeyedDistributedSampler(Sampler):
     """DistributedSampler's order (same seed+epoch permutation, padded, rank::world) as (epoch, index) keys.
 
-    `set_epoch(epoch, start=k)` skips this rank's first k samples (mid-epoch resume).
+    `set_epoch(epoch, start=k)` skips this rank's first k samples (mid-epoch resume). `order(seed, epoch)`,
+    when given, replaces the permutation (a dataset's own order, e.g. parquet row groups for locality), and each
+    rank then takes a contiguous run of it instead of every world-th index.
     """
 
-    def __init__(self, num_items, num_replicas=1, rank=0, shuffle=True, seed=0):
+    def __init__(self, num_items, num_replicas=1, rank=0, shuffle=True, seed=0, order=None):
         self.num_items, self.num_replicas, self.rank = num_items, num_replicas, rank
-        self.shuffle, self.seed = shuffle, seed
+        self.shuffle, self.seed, self.order = shuffle, seed, order
         self.num_samples = math.ceil(num_items / num_replicas)
         self.epoch, self.start = 0, 0
 
@@ -22,6 +24,11 @@ class KeyedDistributedSampler(Sampler):
         self.epoch, self.start = epoch, start
 
     def rank_indices(self, epoch):
+        if self.order is not None:
+            order = list(self.order(self.seed, epoch))
+            total = self.num_samples * self.num_replicas
+            order += (order * math.ceil(total / max(len(order), 1)))[: total - len(order)]
+            return order[self.rank * self.num_samples:(self.rank + 1) * self.num_samples]
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed + epoch)
             order = torch.randperm(self.num_items, generator=g).tolist()
