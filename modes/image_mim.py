@@ -18,12 +18,12 @@ import torch.nn.functional as F
 from custom_datasets.image_dataset import ImageFolderDataset, build_two_view_transform, collate_image_batch
 from custom_datasets.loaders import batches_per_epoch, eval_loader, train_loader
 from custom_datasets.masking_generator import MaskingGenerator
-from models.embeddings import patchify
+from models.embeddings import patchify, unpatchify
 from models.vlmo import MIM_TARGETS
 from modes import register_mode
 from modes.base import PretrainData, PretrainMode
 from util.errors import UserError
-from util.eval_visuals import mim_panels
+from util.eval_visuals import SHOWN, cell_map, denormalize, side_by_side, token_colours
 from util.evaluation import EvalSet
 from util.flag_checks import Bounded, non_negative_float, positive_int
 from util.logger import LOG
@@ -109,6 +109,32 @@ def held_out_set(loader, num_items, targets=None, image_state=None):
 
     return EvalSet(loader=loader, num_items=num_items, predict=predict, metrics=per_patch_metrics,
                    visualize=visualize if image_state is not None else None)
+
+
+def mim_panels(images, mask, pred, patch_size, mean, std, targets=None, vocab_size=None):
+    """{tag: panel} for image_mim. `images` normalised [B, 3, H, W], `mask` [B, N] bool, `pred` the head's
+    output at the masked positions [M, D] (pixel: normalised patch pixels; dVAE: logits), `targets` the dVAE
+    ids [B, N] (None for the pixel target)."""
+    images, mask = images[:SHOWN].float(), mask[:SHOWN].bool()
+    pred = pred[:int(mask.sum())].float()
+    size, grid = images.shape[-1], (images.shape[-2] // patch_size, images.shape[-1] // patch_size)
+    patches = patchify(images, patch_size)
+    seen = denormalize(images, mean, std)
+    grey = patches.clone()
+    grey[mask] = 0.0  # 0 in normalised space: the mean colour
+    masked = denormalize(unpatchify(grey, patch_size, grid), mean, std)
+    if targets is None:
+        mu, var = patches[mask].mean(-1, keepdim=True), patches[mask].var(-1, keepdim=True)
+        filled = patches.clone()
+        filled[mask] = pred * (var + 1e-6).sqrt() + mu  # the head predicts each patch's normalised pixels
+        recon = denormalize(unpatchify(filled, patch_size, grid), mean, std)
+        return {"mim/input_masked_reconstruction": side_by_side(seen, masked, recon)}
+    targets = targets[:SHOWN]
+    predicted = targets.clone()
+    predicted[mask] = pred.argmax(-1)
+    target_map = cell_map(token_colours(targets, vocab_size), grid, size)
+    predicted_map = cell_map(token_colours(predicted, vocab_size), grid, size)
+    return {"mim/input_masked_target-tokens_predicted-tokens": side_by_side(seen, masked, target_map, predicted_map)}
 
 
 BEIT_MASKING = (75, 16)  # masked patches per image and the smallest block, for BEiT's 14x14 grid

@@ -1,13 +1,12 @@
 """TensorBoard gets pictures where a person would rather look: image_mim panels (input, masked input, and the
 reconstruction or the dVAE token maps) and retrieval examples (images and their top-3 captions)."""
-import os
-
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import main_pretrain_cook
 from models.embeddings import patchify
-from util.eval_visuals import SHOWN, mim_panels
+from modes.image_mim import mim_panels
+from util.eval_visuals import SHOWN
 
 
 def _events(out):
