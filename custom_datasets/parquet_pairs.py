@@ -100,13 +100,13 @@ class ParquetPairDataset(PairDatasetBase):
 
             file, group, _ = self.groups[g]
             table = pq.ParquetFile(file).read_row_group(group, columns=[self.caption_col, self.image_col])
-            self._cache[g] = (table.column(0).to_pylist(), table.column(1).to_pylist(), os.path.dirname(file))
+            self._cache[g] = (table.column(0), table.column(1), os.path.dirname(file))  # arrow: no copy per row
             while len(self._cache) > CACHED_GROUPS:
                 self._cache.popitem(last=False)
         captions, images, folder = self._cache[g]
         k = i - int(self.starts[g])
         file, group, _ = self.groups[g]
-        return captions[k], images[k], folder, f"{os.path.basename(file)}:group{group}:row{k}"
+        return captions[k].as_py(), images[k].as_py(), folder, f"{os.path.basename(file)}:group{group}:row{k}"
 
     def ident(self, i):
         _, image, _, where = self._row(i)
