@@ -227,8 +227,11 @@ def evaluate(eval_set, model, device, autocast_dtype=None, visuals=None):
     local = {k: torch.cat(v).cpu() for k, v in parts.items()}
     merged = gather_items(local, eval_set.num_items)
     if visuals is not None and eval_set.visualize is not None and du.rank() == 0 and first is not None:
-        with autocast_context(device, autocast_dtype):
-            visuals.update(eval_set.visualize(model, first, merged))
+        try:  # pictures are for people: a failure here must not stop (or desynchronise) the run
+            with autocast_context(device, autocast_dtype):
+                visuals.update(eval_set.visualize(model, first, merged))
+        except Exception as e:  # noqa: BLE001
+            LOG.warning(f"TensorBoard pictures of this evaluation skipped: {type(e).__name__}: {e}")
     model.train(was_training)
     return eval_set.metrics(merged)
 

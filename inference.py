@@ -27,7 +27,7 @@ from custom_datasets.hf_tokenizer import tokenizer_from_any_state
 from custom_datasets.image_dataset import IMAGE_EXTENSIONS, build_eval_transform, image_preprocess_state
 from custom_datasets.pair_dataset import BadSample, decode_image, read_file_bytes, to_rgb
 from models.registry import model_from_config
-from models.trainable import configure_trainable
+from models.lora import LoRALinear
 from tasks.base import PRETRAINING_HEADS, discard_pretraining_heads, split_finetune_state
 from util.checkpoint import extract_state_dict, load_file
 from util.errors import UserError
@@ -181,9 +181,13 @@ def load_model(checkpoint, device="cpu", batch_size=64):
     if not state:
         raise UserError(f"{checkpoint}: holds no tokenizer (written by an older version?); it cannot encode text")
     image_state = ckpt.get("image_preprocess") or image_preprocess_state(model.config["img_size"], crop_pct=1.0)
-    contrastive = ckpt.get("mode") in CONTRASTIVE_MODES and getattr(model, "itc_image_proj", None) is not None
+    from util.merge_lora import trained_heads
+
+    mode = ckpt.get("mode") or ckpt.get("merged_from_mode")
+    contrastive = (mode in CONTRASTIVE_MODES or "itc" in trained_heads(ckpt)) and \
+        getattr(model, "itc_image_proj", None) is not None
     return Embedder(model, tokenizer_from_any_state(state), image_state, torch.device(device), contrastive,
-                    batch_size, source=checkpoint, mode=ckpt.get("mode"))
+                    batch_size, source=checkpoint, mode=mode)
 
 
 def write_table(path, rows):
@@ -204,6 +208,20 @@ def write_table(path, rows):
     os.replace(tmp, path)
 
 
+def restore_adapters(model, state_dict, args):
+    """LoRA adapters exactly where the state dict has them (rank from their shape, alpha from the run's args),
+    acting on the modalities the run adapted (a locked tower of the multiway model shares the attention, not
+    its adapters)."""
+    alpha = float(args.get("lora_alpha", 1.0))
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear) and f"{name}.lora_A" in state_dict:
+            module.enable_lora(state_dict[f"{name}.lora_A"].shape[0], alpha)
+    locked = {t for t in ("image", "text") if args.get(f"lock_{t}")}
+    if locked:
+        model.locked_towers = locked
+        model.lora_modalities = set(model.lora_modalities) - locked - {"vl"}
+
+
 def load_network(path, device, flag="--checkpoint"):
     """(model in eval mode on `device`, checkpoint dict): the network as trained, adapters included where they
     were (never merged), heads the checkpoint does not hold removed. Also util/eval_itc.py's loader."""
@@ -215,11 +233,7 @@ def load_network(path, device, flag="--checkpoint"):
     sd = split_finetune_state(sd)
     model = model_from_config(config)
     if any(".lora_" in k for k in sd):
-        a = ckpt.get("args", {})
-        mode = ckpt.get("mode") or "image_text_itc"
-        configure_trainable(model, "image_text_itc" if mode.startswith("finetune:") else mode,
-                            int(a.get("lora_rank", 0)), float(a.get("lora_alpha", 1.0)), ckpt.get("provided_keys", []),
-                            bool(a.get("lock_image")), bool(a.get("lock_text")))
+        restore_adapters(model, sd, ckpt.get("args") or {})
     absent = {k.split(".")[0] for k in model.state_dict() if k not in sd}
     discard_pretraining_heads(model, keep=[h for h in PRETRAINING_HEADS if h not in absent])
     try:

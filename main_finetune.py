@@ -26,8 +26,8 @@ from util.checkpointer import Checkpointer
 from util.config import add_optimizer_args, add_run_args, make_parser, parse_with_config, write_args_json
 from util.errors import NonFiniteLoss, UserError
 from util.evaluation import EvalSet
-from util.flag_checks import (check_output_dir, fraction, non_negative_float, non_negative_int, positive_float,
-                              positive_int)
+from util.flag_checks import (check_output_dir, check_paths, fraction, non_negative_float, non_negative_int,
+                              positive_float, positive_int)
 from util.layer_decay import layer_decay_scale
 from util.logger import LOG, RunLog
 from util.optim_factory import build_adamw
@@ -102,10 +102,7 @@ def parse_args(argv=None):
         raise UserError(f"--task {args.task!r}: choose one of {', '.join(task_names())}")
     if args.model is not None and args.model not in backbone_names():
         raise UserError(f"--model {args.model!r} is unknown; known: {', '.join(backbone_names())}")
-    for path_flag in ("finetune", "data_path", "val_data_path"):
-        path = getattr(args, path_flag)
-        if path and not os.path.exists(path):
-            raise UserError(f"--{path_flag}: not found: {path}")
+    check_paths(args, ("finetune", "data_path", "val_data_path"))
     check_output_dir(args.output_dir)
     args.log_dir = args.log_dir or args.output_dir
     return args

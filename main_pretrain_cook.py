@@ -25,7 +25,7 @@ from util.config import add_optimizer_args, add_run_args, json_mapping, make_par
 from util.errors import NonFiniteLoss, UserError
 from util.flag_checks import (Bounded, check_output_dir, check_paths, fraction, no_effect_warnings, non_negative_float,
                               non_negative_int, positive_float, positive_int)
-from util.logger import LOG, RunLog
+from util.logger import LOG, RunLog, warn_once
 from util.optim_factory import build_adamw
 from util.preemption import PreemptionWatch
 from util.resume import plan_resume
@@ -151,7 +151,8 @@ def parse_args(argv=None):
     try:
         grid = patch_grid(args.model, args.img_size, args.model_kwargs)
     except ValueError as e:
-        raise UserError(f"{'--img_size' if args.img_size else '--model_kwargs img_size'} {e}") from None
+        flag = "--model_kwargs img_size" if "img_size" in args.model_kwargs else "--img_size"
+        raise UserError(f"{flag} {e}") from None
     if not args.data_path:
         raise UserError("--data_path is required (on the command line or in the --config file)")
     check_paths(args, ("data_path", "val_data_path", "image_tower_weights", "zeroshot_data_path",
@@ -161,7 +162,7 @@ def parse_args(argv=None):
     for flag in ("output_dir", "log_dir"):
         check_output_dir(getattr(args, flag), f"--{flag}")
     for warning in no_effect_warnings(args, parser):
-        LOG.warning(f"warning: {warning}")
+        warn_once(f"warning: {warning}")
     return args
 
 
@@ -170,7 +171,7 @@ def resolve_run_args(args, world_size):
     resolve_batch_and_lr(args, world_size)
     args.use_self_regularization = bool(args.self_regularization and args.reg_loss_weight > 0 and args.lora_rank > 0)
     if args.self_regularization and not args.use_self_regularization:
-        LOG.warning(f"warning: --self_regularization needs --lora_rank > 0 and --reg_loss_weight > 0 (given "
+        warn_once(f"warning: --self_regularization needs --lora_rank > 0 and --reg_loss_weight > 0 (given "
                     f"{args.lora_rank} and {args.reg_loss_weight:g}): it is off, and args.json says so")
         args.self_regularization = False
     return args
@@ -241,7 +242,7 @@ def build_model(args, overrides, plan):
     groups = configure_trainable(model, args.mode, args.lora_rank, args.lora_alpha, provided, args.lock_image,
                                  args.lock_text, args.reg_loss_weight if args.use_self_regularization else 0.0)
     if args.lora_rank > 0 and not any("lora_" in n for names in groups.values() for n in names):
-        LOG.warning(f"warning: --lora_rank {args.lora_rank}: no loaded weight is on this mode's path (LoRA adapts the "
+        warn_once(f"warning: --lora_rank {args.lora_rank}: no loaded weight is on this mode's path (LoRA adapts the "
                     "weights --resume provides), so no adapter exists and every parameter trains fully"
                     + ("; --self_regularization is off with it" if args.use_self_regularization else "")
                     + ". args.json records --lora_rank 0")

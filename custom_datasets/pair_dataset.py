@@ -41,14 +41,17 @@ def parse_key(key):
     return 0, int(key)
 
 
-DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096  # --max_image_pixels: larger JPEGs decode at 1/2, 1/4 or 1/8 scale
+DEFAULT_MAX_IMAGE_PIXELS = 6000 * 6000  # --max_image_pixels: larger JPEGs decode at 1/2, 1/4 or 1/8 scale
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _LIMITS = {"max_pixels": DEFAULT_MAX_IMAGE_PIXELS}
 
 
 def set_max_image_pixels(n: int):
-    """The process-wide --max_image_pixels (set before the DataLoader forks its workers, which inherit it)."""
+    """The process-wide --max_image_pixels (set before the DataLoader forks its workers, which inherit it).
+    PIL's own guard (it refuses to open anything over twice Image.MAX_IMAGE_PIXELS) is raised to 64 x n, so a
+    JPEG that fits at 1/8 scale can still be opened and decoded reduced."""
     _LIMITS["max_pixels"] = int(n)
+    Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, 64 * int(n))
 
 
 def decode_image(data: bytes, max_pixels: int = None) -> Image.Image:

@@ -8,7 +8,8 @@ id are captions of one image, for retrieval) and `text_id` (kept for the user, u
 Only the row-group layout (and the `image_id` column, when there is one) is read at start-up; images and
 captions are read by the data workers one row group at a time, and each worker keeps the last two groups it
 read. For locality the training order (`epoch_order`) permutes the row groups per (seed, epoch) and shuffles
-the rows within each group; KeyedDistributedSampler gives each rank a contiguous run of that order. Items are
+the rows within each group; KeyedDistributedSampler deals it to the ranks (every world-th row), so each rank
+walks through the groups in that order. Items are
 keyed by (epoch, index) like the other pair datasets, so a resumed run reads exactly what an uninterrupted
 one would, and a bad row (undecodable image, missing file, empty caption) is replaced the same way.
 """
@@ -53,6 +54,7 @@ class ParquetPairDataset(PairDatasetBase):
 
         super().__init__(transform, seed)
         self.path, self.files, self.groups = path, parquet_files(path), []  # groups: (file, group, rows)
+        self.columns = {}  # file -> (caption column, image column): files of a folder may name them differently
         image_ids = []
         for file in self.files:
             try:
@@ -60,8 +62,8 @@ class ParquetPairDataset(PairDatasetBase):
             except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a bad file
                 raise UserError(f"{file}: not a readable parquet file ({e})") from None
             names = meta.schema_arrow.names
-            self.caption_col = _pick(names, CAPTION_COLUMNS, file, "caption")
-            self.image_col = _pick(names, IMAGE_COLUMNS, file, "image")
+            self.columns[file] = (_pick(names, CAPTION_COLUMNS, file, "caption"),
+                                  _pick(names, IMAGE_COLUMNS, file, "image"))
             self.groups += [(file, g, meta.metadata.row_group(g).num_rows) for g in range(meta.num_row_groups)]
             id_col = next((n for n in names if n.lower() == "image_id"), None)
             if id_col is not None:
@@ -95,11 +97,16 @@ class ParquetPairDataset(PairDatasetBase):
 
     def _row(self, i):
         g = int(np.searchsorted(self.starts, i, side="right") - 1)
-        if g not in self._cache:
+        if g in self._cache:
+            self._cache.move_to_end(g)
+        else:
             import pyarrow.parquet as pq
 
             file, group, _ = self.groups[g]
-            table = pq.ParquetFile(file).read_row_group(group, columns=[self.caption_col, self.image_col])
+            try:
+                table = pq.ParquetFile(file).read_row_group(group, columns=list(self.columns[file]))
+            except Exception as e:  # noqa: BLE001 - a damaged row group: its rows are bad samples
+                raise BadSample(f"unreadable row group {group} of {os.path.basename(file)}: {e}") from None
             self._cache[g] = (table.column(0), table.column(1), os.path.dirname(file))  # arrow: no copy per row
             while len(self._cache) > CACHED_GROUPS:
                 self._cache.popitem(last=False)
@@ -109,7 +116,13 @@ class ParquetPairDataset(PairDatasetBase):
         return captions[k].as_py(), images[k].as_py(), folder, f"{os.path.basename(file)}:group{group}:row{k}"
 
     def ident(self, i):
-        _, image, _, where = self._row(i)
+        """The image path of row i when the file stores paths, else `file:groupG:rowR` (also for a row of an
+        unreadable group)."""
+        try:
+            _, image, _, where = self._row(i)
+        except BadSample:
+            g = int(np.searchsorted(self.starts, i, side="right") - 1)
+            return f"{os.path.basename(self.groups[g][0])}:group{self.groups[g][1]}:row{i - int(self.starts[g])}"
         return image if isinstance(image, str) else where
 
     def raw(self, i):

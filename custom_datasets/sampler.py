@@ -10,8 +10,9 @@ class KeyedDistributedSampler(Sampler):
     """DistributedSampler's order (same seed+epoch permutation, padded, rank::world) as (epoch, index) keys.
 
     `set_epoch(epoch, start=k)` skips this rank's first k samples (mid-epoch resume). `order(seed, epoch)`,
-    when given, replaces the permutation (a dataset's own order, e.g. parquet row groups for locality), and each
-    rank then takes a contiguous run of it instead of every world-th index.
+    when given, replaces the permutation (a dataset's own order, e.g. parquet row groups for locality). Ranks
+    always take every world-th entry, so what a run has consumed is a prefix of the order on any world size
+    (a resume on another number of ranks continues exactly).
     """
 
     def __init__(self, num_items, num_replicas=1, rank=0, shuffle=True, seed=0, order=None):
@@ -26,10 +27,7 @@ class KeyedDistributedSampler(Sampler):
     def rank_indices(self, epoch):
         if self.order is not None:
             order = list(self.order(self.seed, epoch))
-            total = self.num_samples * self.num_replicas
-            order += (order * math.ceil(total / max(len(order), 1)))[: total - len(order)]
-            return order[self.rank * self.num_samples:(self.rank + 1) * self.num_samples]
-        if self.shuffle:
+        elif self.shuffle:
             g = torch.Generator().manual_seed(self.seed + epoch)
             order = torch.randperm(self.num_items, generator=g).tolist()
         else:

@@ -6,9 +6,9 @@ Hugging Face's BertTokenizerFast does for the same files: BertNormalizer (clean 
 characters so Chinese splits per character, lowercasing, accent stripping), BertPreTokenizer, WordPiece
 with "##" continuation and [UNK], and a post-processor producing [CLS] ... [SEP].
 
-Accents follow the source, as in HF: tokenizer_config.json's `strip_accents`, else tokenizer.json's
-normalizer, else HF's rule (stripped when lowercasing; a bare vocab.txt such as bert-base-uncased's
-turns "café" into "cafe"). Vocabularies this project trains KEEP accents (Vietnamese and French captions
+Accents follow the source, as in HF: tokenizer_config.json's `strip_accents` when the folder has one (HF
+rebuilds the normalizer from it), else tokenizer.json's normalizer, else HF's rule (stripped when
+lowercasing; a bare vocab.txt such as bert-base-uncased's turns "café" into "cafe"). Vocabularies this project trains KEEP accents (Vietnamese and French captions
 survive lowercasing) and write `"strip_accents": false` into both files. Checkpoint states written before
 the flag existed kept accents, and still do.
 """
@@ -222,10 +222,10 @@ def load_tokenizer(path, do_lower_case=None, max_len=196):
     """Load a WordPiece tokenizer from vocab.txt, tokenizer.json, a folder holding either, or a Hugging Face
     hub name (`bert-base-uncased`, `org/name`) found in the local HF cache (custom_datasets.hf_cache).
 
-    A folder prefers tokenizer.json over vocab.txt. Casing: the explicit argument wins, then
-    tokenizer_config.json's do_lower_case, then tokenizer.json's normalizer flag, then True. Accents:
-    tokenizer_config.json's strip_accents, then tokenizer.json's, then stripped when lowercasing (HF's rule,
-    and what BertTokenizerFast does for a bare vocab.txt).
+    A folder prefers tokenizer.json over vocab.txt. As in Hugging Face's BertTokenizerFast: with a
+    tokenizer_config.json, its do_lower_case (default True) and strip_accents decide; without one,
+    tokenizer.json's normalizer flags do. The explicit `do_lower_case` argument wins over both, and accents
+    not set anywhere are stripped when lowercasing (HF's rule, and what it does for a bare vocab.txt).
     """
     from custom_datasets.hf_cache import is_hub_name, snapshot_folder
 
@@ -251,13 +251,15 @@ def load_tokenizer(path, do_lower_case=None, max_len=196):
     if not tokens:
         raise UserError(f"tokenizer vocabulary {file} is empty; {_HOW_TO_GET}")
     cfg = _read_config(folder)
+    # As BertTokenizerFast.from_pretrained: a tokenizer_config.json decides (its missing keys take HF's
+    # defaults) and the normalizer is rebuilt from it; only without one do tokenizer.json's own flags count.
+    flags = {"lowercase": cfg.get("do_lower_case", True), "strip_accents": cfg.get("strip_accents")} if cfg \
+        else json_flags
     if do_lower_case is None:
-        do_lower_case = cfg.get("do_lower_case", json_flags.get("lowercase"))
+        do_lower_case = flags.get("lowercase")
     if do_lower_case is None:
         do_lower_case = True
-    strip_accents = cfg.get("strip_accents")
-    if strip_accents is None:
-        strip_accents = json_flags.get("strip_accents")
+    strip_accents = flags.get("strip_accents")
     if strip_accents is None:
         strip_accents = do_lower_case
     return WordPieceTokenizer(tokens, do_lower_case=do_lower_case, max_len=max_len,

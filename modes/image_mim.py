@@ -26,7 +26,7 @@ from util.errors import UserError
 from util.eval_visuals import SHOWN, cell_map, denormalize, side_by_side, token_colours
 from util.evaluation import EvalSet
 from util.flag_checks import Bounded, non_negative_float, positive_int
-from util.logger import LOG
+from util.logger import LOG, warn_once
 from util.run_setup import dvae_file
 
 DEFAULT_DVAE = "checkpoints/dall_e_tokenizer_weight/encoder.pkl"
@@ -158,25 +158,32 @@ class ImageMIM(PretrainMode):
         group.add_argument("--dvae_path", default=DEFAULT_DVAE,
                            help="DALL-E encoder.pkl or its safetensors conversion (util/convert_dvae.py); an "
                                 "encoder.safetensors beside the .pkl is preferred")
-        group.add_argument("--num_mask_patches", type=positive_int(), default=BEIT_MASKING[0], help="image_mim: masked patches per image")
-        group.add_argument("--min_mask_patches", type=positive_int(), default=BEIT_MASKING[1], help="image_mim: smallest masked block")
+        group.add_argument("--num_mask_patches", type=positive_int(), default=None,
+                           help=f"image_mim: masked patches per image (default: {BEIT_MASKING[0]} of 196 for a 14x14 "
+                                "grid, the same share of another)")
+        group.add_argument("--min_mask_patches", type=positive_int(), default=None,
+                           help=f"image_mim: smallest masked block (default: {BEIT_MASKING[1]} of 196, scaled alike)")
         group.add_argument("--max_mask_aspect", type=Bounded(float, 1), default=1 / 0.3, help="image_mim: block aspect bound")
         group.add_argument("--color_jitter", type=non_negative_float(), default=0.4, help="image_mim: colour jitter strength")
 
     @staticmethod
     def check_inputs(args, grid):
-        """Masking sizes fit the grid: left at BEiT's defaults (for 14x14), they are scaled to its area and
-        the change printed; set by the user, one that cannot fit is an error naming the flag."""
+        """Masking sizes fit the grid: not given, BEiT's (75 and 16, for 14x14) are scaled to its area and the
+        change printed; given, one that cannot fit is an error naming the flag."""
         if args.mim_target == "dalle":
             dvae_file(args.dvae_path)
         patches = grid[0] * grid[1]
-        default_num, default_min = BEIT_MASKING
-        if (args.num_mask_patches, args.min_mask_patches) == BEIT_MASKING and patches != 196:
-            args.num_mask_patches = max(1, round(default_num * patches / 196))
-            args.min_mask_patches = max(1, min(args.num_mask_patches, round(default_min * patches / 196)))
-            LOG.warning(f"image_mim: --num_mask_patches {default_num} -> {args.num_mask_patches} and "
-                        f"--min_mask_patches {default_min} -> {args.min_mask_patches} for the {grid[0]}x{grid[1]} "
-                        f"patch grid (BEiT's shares of its 14x14 grid); pass both to choose")
+        scaled = {"num_mask_patches": max(1, round(BEIT_MASKING[0] * patches / 196))}
+        scaled["min_mask_patches"] = max(1, min(args.num_mask_patches or scaled["num_mask_patches"],
+                                                round(BEIT_MASKING[1] * patches / 196)))
+        filled = [flag for flag in scaled if getattr(args, flag) is None]
+        for flag in filled:
+            setattr(args, flag, scaled[flag])
+        if filled and patches != 196:
+            warn_once("image_mim: " + " and ".join(f"--{f} {BEIT_MASKING[k]} -> {getattr(args, f)}"
+                                                   for k, f in enumerate(scaled) if f in filled)
+                      + f" for the {grid[0]}x{grid[1]} patch grid (BEiT's shares of its 14x14 grid); pass them to "
+                        "choose")
         if args.num_mask_patches >= patches:
             raise UserError(f"--num_mask_patches {args.num_mask_patches}: the {grid[0]}x{grid[1]} patch grid has "
                             f"{patches} patches; mask fewer than all of them")

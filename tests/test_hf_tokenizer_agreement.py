@@ -53,3 +53,26 @@ def test_a_hub_name_resolves_from_the_local_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "elsewhere"))
     with pytest.raises(UserError, match=r"bert-base-uncased: not a file or folder, and not in the Hugging Face cache"):
         load_tokenizer("bert-base-uncased")
+
+
+@needs_vocab
+@pytest.mark.parametrize("config_strip,json_strip", [(None, False), ("absent", False), (False, None), (True, False)])
+def test_config_and_tokenizer_json_disagreeing_resolve_as_hf_does(tmp_path, config_strip, json_strip):
+    import json
+
+    source = os.path.dirname(VOCAB)
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    tj = json.load(open(os.path.join(source, "tokenizer.json")))
+    tj["normalizer"]["strip_accents"] = json_strip
+    (folder / "tokenizer.json").write_text(json.dumps(tj))
+    cfg = json.load(open(os.path.join(source, "tokenizer_config.json")))
+    if config_strip == "absent":
+        cfg.pop("strip_accents")
+    else:
+        cfg["strip_accents"] = config_strip
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+    shutil.copy(VOCAB, folder / "vocab.txt")
+    ours, hf = load_tokenizer(folder), transformers.BertTokenizerFast.from_pretrained(str(folder))
+    lines = ["Café crème à Hà Nội", "naïve Åse"]
+    assert agreement(ours, hf, lines) == len(lines)

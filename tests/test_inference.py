@@ -103,7 +103,18 @@ def test_retrieval_command_writes_both_directions(demo_data, itc_ckpt, tmp_path)
     assert len([r for r in rows if r["direction"] == "text2image"]) == 3 * 2
 
 
-def test_fine_tuned_and_dual_encoder_checkpoints_load(demo_data, tiny_tokenizer, tmp_path):
+def test_a_merged_file_keeps_its_trained_heads(itc_ckpt, tmp_path):
+    ckpt = torch.load(itc_ckpt, weights_only=True)
+    merged = {"model": ckpt["model"], "model_config": ckpt["model_config"], "tokenizer": ckpt["tokenizer"],
+              "image_preprocess": ckpt["image_preprocess"], "merged_from_mode": "image_text_itc",
+              "trained_heads": ["itc"]}
+    torch.save(merged, tmp_path / "merged.pth")
+    model, original = load_model(str(tmp_path / "merged.pth")), load_model(itc_ckpt)
+    assert model.contrastive and model.mode == "image_text_itc"
+    torch.testing.assert_close(model.encode_text("a red circle"), original.encode_text("a red circle"))
+
+
+def test_fine_tuned_and_dual_encoder_checkpoints_load(demo_data, tiny_tokenizer, tmp_path, itc_ckpt):
     dual = create_model("dual_encoder", image_tower="vit_tiny_patch16_224", text_tower="ours", embed_dim=16,
                         img_size=32, vocab_size=tiny_tokenizer.vocab_size,
                         image_tower_kwargs={"depth": 1, "embed_dim": 32, "num_heads": 2},
@@ -119,9 +130,10 @@ def test_fine_tuned_and_dual_encoder_checkpoints_load(demo_data, tiny_tokenizer,
     import main_finetune
 
     out = tmp_path / "ft"
-    assert main_finetune.main(["--task", "image_classification", "--model", "vlmo_tiny_patch16", "--data_path",
-                               str(demo_data["images_train"].parent), "--tokenizer", str(demo_data["tokenizer"]),
-                               "--batch_size", "8", "--epochs", "1", "--num_workers", "0", "--output_dir", str(out)]) == 0
-    tuned = load_model(str(out / "checkpoint-latest.pth"))
+    assert main_finetune.main(["--task", "image_classification", "--finetune", itc_ckpt, "--lora_rank", "2",
+                               "--data_path", str(demo_data["images_train"].parent), "--batch_size", "8",
+                               "--epochs", "1", "--num_workers", "0", "--output_dir", str(out)]) == 0
+    assert any(".lora_A" in k for k in torch.load(out / "checkpoint-latest.pth", weights_only=True)["model"])
+    tuned = load_model(str(out / "checkpoint-latest.pth"))  # adapters restored where the file has them
     assert not tuned.contrastive and tuned.mode == "finetune:image_classification"
     assert tuned.encode_image(np.zeros((32, 32, 3), np.uint8)).shape == (1, 64)

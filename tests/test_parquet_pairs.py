@@ -74,6 +74,11 @@ def test_the_order_permutes_row_groups_then_rows_and_resumes_exactly(demo_data, 
     assert sorted(i for f in full for _, i in f) == list(range(len(ds)))  # every row once over the ranks
     samplers[1].set_epoch(3, start=5)
     assert list(samplers[1]) == full[1][5:]  # a resumed epoch continues with the next unseen row
+    seen = {i for f in full for _, i in f[:5]}  # 5 steps of batch 1 on 2 ranks, then resumed on 1 rank
+    alone = KeyedDistributedSampler(len(ds), 1, 0, seed=0, order=ds.epoch_order)
+    alone.set_epoch(3, start=10)
+    rest = [i for _, i in alone]
+    assert not seen & set(rest) and seen | set(rest) == set(range(len(ds)))  # nothing repeated or skipped
 
 
 def test_corrupt_rows_are_replaced_and_listed(demo_data, tmp_path, transform):

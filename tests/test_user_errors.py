@@ -175,6 +175,22 @@ def test_another_modes_checkpoint_in_the_folder_names_the_folder(demo_data, tmp_
     assert "--resume" in err[0] and tree(out) == before
 
 
+def test_a_requeued_run_needs_its_resume_file_no_more_and_config_integers_may_be_floats(demo_data, tmp_path,
+                                                                                         capsys):
+    out = tmp_path / "run"
+    assert main_pretrain_cook.main(argv_of(demo_data, "text_mlm", ["--log_freq", "50"], out)) == 0
+    gone = str(tmp_path / "purged" / "stage1.pth")  # the weights the first launch started from, since deleted
+    assert main_pretrain_cook.main(argv_of(demo_data, "text_mlm", ["--resume", gone], out)) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    config = tmp_path / "c.yaml"
+    config.write_text("epochs: 3.0\nopt_betas: 0.9\n")
+    code, err, _ = run_in_process(argv_of(demo_data, "text_mlm", ["--config", str(config)], tmp_path / "x"), capsys)
+    assert code == 2 and "opt_betas: 0.9 should be a list of 2 values" in err[0]
+    config.write_text("epochs: 3.0\n")
+    argv = argv_of(demo_data, "text_mlm", ["--config", str(config)], tmp_path / "x")
+    assert main_pretrain_cook.parse_args([a for a in argv if a not in ("--epochs", "1")]).epochs == 3
+
+
 def test_adjusted_and_ineffective_values_are_printed_and_the_run_goes_on(demo_data, tmp_path, capsys):
     out = tmp_path / "run"
     argv = argv_of(demo_data, "image_mim", ["--warmup_epochs", "2", "--save_per_epochs", "5", "--check"], out)

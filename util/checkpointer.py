@@ -61,7 +61,9 @@ class Checkpointer:
             if keep_name:
                 save_atomic(state, os.path.join(self.output_dir, keep_name))
                 where += f" and {keep_name}"
-            LOG.info(f"saved {where} (epoch {epoch}, step {step_in_epoch} of the epoch, global step {global_step})")
+            at = f"after epoch {epoch}" if step_in_epoch == 0 and epoch > 0 else \
+                f"epoch {epoch + 1}, {step_in_epoch} step(s) into it"
+            LOG.info(f"saved {where} ({at}, global step {global_step})")
 
         written_by_rank0(write, self.device)
         self.last_save = time.monotonic()

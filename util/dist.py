@@ -55,6 +55,16 @@ def read_launch_env(environ=None):
     return "none", 0, 1, 0
 
 
+def launch_rank(environ=None):
+    """This process's rank as its launcher set it (torchrun, srun), before any process group exists; 0 alone."""
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return int(env["RANK"])
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        return int(env["SLURM_PROCID"])
+    return 0
+
+
 def init_distributed(backend=None, device=None):
     """Initialise the process group (if launched with several processes) and pick this rank's device."""
     launcher, rank, world, local = read_launch_env()
@@ -70,19 +80,22 @@ def init_distributed(backend=None, device=None):
 
 
 def _round_store(rank, world):
-    """{"store": ...} for a round torchrun restarted (--max-restarts), else {} (env:// as usual).
+    """{"store": ...} under torchrun (its elastic agent), else {} (env:// as usual).
 
-    torchrun's workers share the agent's TCPStore across restart rounds, and the process group writes its
-    keys (each rank's gloo/nccl address) under the same names every round: a restarted rank can read the
-    address of the rank that died and fail with "connectFullMesh ... Connection refused" (or hang), or not,
-    depending on which rank writes first. Prefixing the keys with the restart count keeps rounds apart."""
-    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
-    if not restart or restart == "0":
+    torchrun's workers share the agent's TCPStore across restart rounds (--max-restarts), and the process
+    group writes its keys (each rank's gloo/nccl address) under the same names every round: a restarted rank
+    could read the address of the rank that died and fail with "connectFullMesh ... Connection refused" (or
+    hang), or not, depending on which rank writes first. The keys get a round prefix that every rank derives
+    the same way: each rank counts its own initialisations in the store (`TORCHELASTIC_RESTART_COUNT` would
+    not do: an agent restarted only because another node re-joined does not count it). Assumes a fixed world
+    size (`--nnodes N`, not an elastic range): a rank number new to the store would start from 1."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
         return {}
     from torch.distributed.rendezvous import rendezvous
 
     store, _, _ = next(rendezvous("env://", rank=rank, world_size=world))
-    return {"store": dist.PrefixStore(f"vlmo_restart_{restart}", store)}
+    generation = store.add(f"vlmo_round/rank{rank}", 1)
+    return {"store": dist.PrefixStore(f"vlmo_round_{generation}", store)}
 
 
 def is_dist():

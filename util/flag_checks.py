@@ -74,6 +74,13 @@ def check_config_values(parser, args, config_path):
         if not isinstance(action.type, Bounded) or not action.option_strings:
             continue
         value = getattr(args, action.dest, None)
+        if isinstance(action.nargs, int) and value is not None and (
+                not isinstance(value, (list, tuple)) or len(value) != action.nargs):
+            raise UserError(f"--config {config_path}: {action.dest}: {value!r} should be a list of {action.nargs} "
+                            f"values (flag {action.option_strings[0]})")
+        if action.type.kind is int and isinstance(value, float) and value.is_integer():
+            setattr(args, action.dest, int(value))  # YAML's 10.0 for an integer flag
+            value = int(value)
         for v in value if isinstance(value, (list, tuple)) else [value]:
             problem = None if v is None else action.type.problem(v)
             if problem:
@@ -90,7 +97,10 @@ def check_paths(args, flags):
             raise UserError(f"--{flag} {path}: not found")
     resume = getattr(args, "resume", "")
     if resume and resume != "auto" and not os.path.isfile(resume):
-        raise UserError(f"--resume {resume}: no such file (a checkpoint file, or 'auto')")
+        from util.resume import has_own_checkpoint
+
+        if not has_own_checkpoint(getattr(args, "output_dir", None)):  # a requeued run needs it no more
+            raise UserError(f"--resume {resume}: no such file (a checkpoint file, or 'auto')")
 
 
 def check_output_dir(path, flag="--output_dir"):

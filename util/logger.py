@@ -58,6 +58,12 @@ def attach_log_file(output_dir, filename="console.log"):
     LOG.addHandler(fh)
 
 
+def warn_once(message):
+    """A warning about the run's settings, printed by rank 0 only (every rank would print the same)."""
+    if du.launch_rank() == 0:
+        LOG.warning(message)
+
+
 def write_to_log_file(message):
     """Append `message` to console.log only (the console already shows it), when the run has one."""
     record = LOG.makeRecord(LOG.name, logging.ERROR, __file__, 0, message, None, None)

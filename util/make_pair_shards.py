@@ -22,7 +22,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from custom_datasets.pair_dataset import (  # noqa: E402
-    BadSample, build_pair_dataset, decode_image, is_shard_path)
+    DEFAULT_MAX_IMAGE_PIXELS, BadSample, build_pair_dataset, decode_image, is_shard_path, set_max_image_pixels)
 from util.errors import UserError, run_cli  # noqa: E402
 
 KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
@@ -30,13 +30,15 @@ KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--src", required=True, help="CSV/TSV file, MUGE folder or *_texts.jsonl")
+    p.add_argument("--src", required=True, help="CSV/TSV or parquet file, MUGE folder or *_texts.jsonl")
     p.add_argument("--out_dir", required=True)
     p.add_argument("--samples_per_shard", type=int, default=10000)
     p.add_argument("--split", default="train", help="MUGE split inside a folder")
     p.add_argument("--prefix", default="shard")
     p.add_argument("--shuffle", action="store_true")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max_image_pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
+                   help="as in training: larger JPEGs are checked at reduced size, other larger images left out")
     return p.parse_args(argv)
 
 
@@ -54,6 +56,7 @@ def _image_member(data: bytes):
 def main(argv=None) -> int:
     """Returns the number of entries left out."""
     args = parse_args(argv)
+    set_max_image_pixels(args.max_image_pixels)
     if is_shard_path(args.src):
         raise UserError(f"--src {args.src}: already shards; expected a CSV/TSV or MUGE dataset")
     if args.samples_per_shard < 1:

@@ -46,6 +46,11 @@ def _has_own(output_dir):
     return latest_in(output_dir) is not None or any(_KEPT.match(n) for n in os.listdir(output_dir))
 
 
+def has_own_checkpoint(output_dir):
+    """Whether a run in `output_dir` would continue from its own checkpoint (then --resume is not read)."""
+    return bool(output_dir) and os.path.isdir(output_dir) and _has_own(output_dir)
+
+
 def own_candidates(output_dir):
     """The run's training checkpoints in the order they are tried: latest, then kept copies by stored step."""
     kept = [os.path.join(output_dir, n) for n in os.listdir(output_dir) if _KEPT.match(n)]

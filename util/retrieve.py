@@ -17,6 +17,7 @@ import torch  # noqa: E402
 from custom_datasets.records import utf8_lines  # noqa: E402
 from inference import image_sources, load_model, write_table  # noqa: E402
 from util.errors import UserError, run_cli  # noqa: E402
+from util.flag_checks import positive_int  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -25,10 +26,10 @@ def parse_args(argv=None):
     p.add_argument("--images", required=True, nargs="+", help="a folder of images, or image files")
     p.add_argument("--texts", default=None, help="a UTF-8 file, one text per line")
     p.add_argument("--text", action="append", default=[], help="a text (repeatable), besides --texts")
-    p.add_argument("--topk", type=int, default=5, help="results per query")
+    p.add_argument("--topk", type=positive_int(), default=5, help="results per query")
     p.add_argument("--direction", default="both", choices=["both", "image2text", "text2image"],
                    help="which queries to answer")
-    p.add_argument("--batch_size", type=int, default=64, help="items per forward pass")
+    p.add_argument("--batch_size", type=positive_int(), default=64, help="items per forward pass")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where the model runs")
     p.add_argument("--out", default=None, help="write the results: .json or .csv (one row per query and rank)")
     p.add_argument("--quiet", action="store_true", help="do not print the results")

@@ -76,19 +76,24 @@ def resolve_batch_and_lr(args, world_size):
 def entry_point(parse_args, run, argv):
     """Parse and run; each way a run stops becomes one line and its exit code (util/errors.py): a UserError
     (bad flag, file or format) `error: ...` and 2, a non-finite loss 3, a failed write 4, a preemption 75.
-    A user error is printed by rank 0 only (every rank sees the same flags and files) and, once the run's
-    folder exists, also appended to its console.log."""
+    A user error is printed by rank 0 (every rank sees the same flags and files) and, once the run's folder
+    exists, also appended to its console.log; from then on another rank prints its own too, marked with its
+    rank (an error in its share of the data would otherwise show nowhere)."""
     from util.logger import setup_logging
 
-    setup_logging(None, launch_rank())  # the console; lines are held for console.log until it exists
+    setup_logging(None, du.launch_rank())  # the console; lines are held for console.log until it exists
+    _RUN["folder_open"] = False
     try:
         args = parse_args(argv)
         return run(args, argv)
     except UserError as e:
-        if launch_rank() == 0:
+        rank = du.launch_rank()
+        if rank == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
             from util.logger import write_to_log_file
             write_to_log_file(f"error: {e}")
+        elif _RUN["folder_open"]:  # found while running (e.g. in this rank's share of the data): say it too
+            print(f"error: [rank {rank}] {e}", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_USER_ERROR) from None
     except NonFiniteLoss as e:
         LOG.error(f"stopping: {e}")
@@ -107,11 +112,7 @@ def entry_point(parse_args, run, argv):
         du.cleanup()
 
 
-def launch_rank():
-    """This process's rank as the launcher set it (torchrun, srun), before any process group exists."""
-    import os
-
-    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+_RUN = {"folder_open": False}  # set once the run's folder exists: errors after it may be one rank's own
 
 
 def start_processes(args, resolve_run_args):
@@ -136,6 +137,7 @@ def open_run_folder(args, env, console_name="console.log"):
         os.makedirs(args.output_dir, exist_ok=True)
     except OSError as e:
         raise UserError(f"--output_dir {args.output_dir}: cannot be created ({e.strerror})") from None
+    _RUN["folder_open"] = True
     if env.is_main:
         from util.logger import attach_log_file
         attach_log_file(args.output_dir, console_name)

@@ -17,7 +17,8 @@ import webdataset as wds
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from custom_datasets.pair_dataset import BadSample, build_pair_dataset, is_shard_path  # noqa: E402
+from custom_datasets.pair_dataset import (DEFAULT_MAX_IMAGE_PIXELS, BadSample, build_pair_dataset,  # noqa: E402
+                                          is_shard_path, set_max_image_pixels)
 from custom_datasets.wds_pairs import WdsPairDataset, expand_shards  # noqa: E402
 from util.errors import run_cli  # noqa: E402
 
@@ -58,10 +59,12 @@ def _run(fn, jobs, workers):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data_path", required=True,
-                   help="CSV/TSV file, MUGE folder or *_texts.jsonl, or WebDataset shards")
+                   help="CSV/TSV or parquet file, MUGE folder or *_texts.jsonl, or WebDataset shards")
     p.add_argument("--out", default="bad_entries.tsv", help="where to list the bad entries")
     p.add_argument("--split", default="train", help="MUGE split inside a folder")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
+    p.add_argument("--max_image_pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
+                   help="as in training: larger JPEGs decode reduced, other larger images count as bad")
     return p.parse_args(argv)
 
 
@@ -69,6 +72,7 @@ def main(argv=None) -> int:
     """Returns the number of bad entries."""
     global _DATASET
     args = parse_args(argv)
+    set_max_image_pixels(args.max_image_pixels)
     if is_shard_path(args.data_path):
         results = _run(_check_shard, expand_shards(args.data_path), args.workers)
     else:

@@ -19,6 +19,7 @@ import torch  # noqa: E402
 
 from inference import image_files, load_model, write_table  # noqa: E402
 from util.errors import UserError, run_cli  # noqa: E402
+from util.flag_checks import positive_int  # noqa: E402
 from util.retrieval_metrics import read_classnames, read_templates, zero_shot_classifier  # noqa: E402
 
 
@@ -29,8 +30,8 @@ def parse_args(argv=None):
     p.add_argument("--classnames", default=None, help="one class per line (or wnid<TAB>name); default: the "
                                                       "sub-folder names")
     p.add_argument("--templates", default=None, help="prompt templates, one per line with {} (default: CLIP's)")
-    p.add_argument("--topk", type=int, default=5, help="classes listed per image (and top-k accuracy)")
-    p.add_argument("--batch_size", type=int, default=64, help="images per forward pass")
+    p.add_argument("--topk", type=positive_int(), default=5, help="classes listed per image (and top-k accuracy)")
+    p.add_argument("--batch_size", type=positive_int(), default=64, help="images per forward pass")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where the model runs")
     p.add_argument("--out", default=None, help="write the predictions: .csv or .json")
     p.add_argument("--quiet", action="store_true", help="do not print a line per image")
