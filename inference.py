@@ -190,6 +190,33 @@ def load_model(checkpoint, device="cpu", batch_size=64):
                     batch_size, source=checkpoint, mode=mode)
 
 
+def add_command_args(parser, items):
+    """The flags the zero-shot and retrieval commands share (`items`: what one forward pass holds)."""
+    from util.flag_checks import positive_int
+
+    parser.add_argument("--checkpoint", required=True, help="a checkpoint with trained contrastive heads")
+    parser.add_argument("--batch_size", type=positive_int(), default=64, help=f"{items} per forward pass")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where the model runs")
+    parser.add_argument("--out", default=None, help="write the results: .csv or .json")
+    parser.add_argument("--quiet", action="store_true", help="do not print a line per result")
+
+
+def load_contrastive_model(args, task):
+    """load_model for a command that needs trained contrastive heads (`task` names it), else one error line."""
+    model = load_model(args.checkpoint, args.device, args.batch_size)
+    if not model.contrastive:
+        raise UserError(f"--checkpoint {args.checkpoint}: its contrastive heads were never trained (a "
+                        f"{model.mode} checkpoint); {task} needs an image_text_itc (or retrieval) checkpoint")
+    return model
+
+
+def write_results(path, rows, what):
+    """write_table, then one line saying what was written where."""
+    write_table(path, rows)
+    print(f"wrote {len(rows)} {what} to {path}")
+
+
 def write_table(path, rows):
     """Rows (dicts with the same keys) as CSV or JSON, by the file's extension (written whole, then renamed)."""
     import csv

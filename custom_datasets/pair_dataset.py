@@ -52,6 +52,7 @@ def set_max_image_pixels(n: int):
     JPEG that fits at 1/8 scale can still be opened and decoded reduced."""
     _LIMITS["max_pixels"] = int(n)
     Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, 64 * int(n))
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)  # sizes are checked against n
 
 
 def decode_image(data: bytes, max_pixels: int = None) -> Image.Image:
@@ -66,9 +67,7 @@ def decode_image(data: bytes, max_pixels: int = None) -> Image.Image:
     # Decoders of untrusted bytes raise many types (OSError, SyntaxError, struct.error, ...);
     # any failure here means "this sample is unusable", never "stop the run".
     try:
-        with warnings.catch_warnings():  # the size is checked below, against our own limit
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+        img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise BadSample("not an image") from None
     except Image.DecompressionBombError as e:

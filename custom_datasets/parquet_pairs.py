@@ -126,7 +126,8 @@ class ParquetPairDataset(PairDatasetBase):
         return image if isinstance(image, str) else where
 
     def raw(self, i):
-        caption, image, folder, _ = self._row(i)
+        caption, image, folder, where = self._row(i)
+        ident = image if isinstance(image, str) else where  # as ident(i), without converting the row twice
         if isinstance(image, dict):  # Hugging Face datasets' Image feature: {"bytes": ..., "path": ...}
             image = image.get("bytes") or image.get("path")
         if isinstance(image, str):
@@ -137,4 +138,4 @@ class ParquetPairDataset(PairDatasetBase):
             raise BadSample("no image in this row")
         if not isinstance(caption, str):
             raise BadSample("caption is not text")
-        return data, caption, self.ident(i)
+        return data, caption, ident

@@ -147,15 +147,16 @@ def embedding_spread(x: torch.Tensor) -> torch.Tensor:
     return 1.0 - (total - x.pow(2).sum()) / (b * (b - 1))
 
 
-def contrastive_loss(model, img, txt, live_params=True):
-    """The loss a model's config names (`itc_loss`: clip or siglip) with its temperature (and bias), plus the
-    batch's embedding spread of each tower; with live_params False the temperature and bias enter as
-    constants (no gradient reaches them: exact accumulation's cache pass)."""
+def contrastive_loss(model, img, txt, live_params=True, spreads=True):
+    """The loss a model's config names (`itc_loss`: clip or siglip) with its temperature (and bias), plus (with
+    `spreads`) the batch's embedding spread of each tower; with live_params False the temperature and bias
+    enter as constants (no gradient reaches them: exact accumulation's cache pass)."""
     def param(p):
         return p if live_params else p.detach()
     if model.config["itc_loss"] == "clip":
         out = clip_loss(img, txt, param(model.logit_scale))
     else:
         out = siglip_loss(img, txt, param(model.logit_scale), param(model.logit_bias))
-    out["image_spread"], out["text_spread"] = embedding_spread(img), embedding_spread(txt)
+    if spreads:
+        out["image_spread"], out["text_spread"] = embedding_spread(img), embedding_spread(txt)
     return out

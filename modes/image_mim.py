@@ -43,11 +43,17 @@ def target_statistics(labels, vocab_size):
     return (counts > 0).sum(1).float(), -(p * p.clamp(min=1e-12).log()).sum(1)
 
 
-def masked_terms(backbone, batch):
-    """(per-masked-patch loss [M], correct [M] or None, image index [M]) of the batch's masked patches."""
+def masked_predictions(backbone, batch):
+    """(the MIM head's output at the masked patches [M, D], the mask [B, N])."""
     mask = batch["bool_masked_pos"].bool()
     feats = backbone.norm(backbone.forward_image_features(batch["images"], mask))[:, 1:]
-    pred = backbone.mim_head(feats[mask]).float()
+    return backbone.mim_head(feats[mask]), mask
+
+
+def masked_terms(backbone, batch):
+    """(per-masked-patch loss [M], correct [M] or None, image index [M]) of the batch's masked patches."""
+    pred, mask = masked_predictions(backbone, batch)
+    pred = pred.float()
     if backbone.config["mim_target"] == "dalle":
         targets = batch["mim_labels"][mask]
         terms, correct = F.cross_entropy(pred, targets, reduction="none"), pred.argmax(-1) == targets
@@ -100,8 +106,7 @@ def held_out_set(loader, num_items, targets=None, image_state=None):
         return predict_per_image(backbone, batch)
 
     def visualize(backbone, batch, merged):
-        mask = batch["bool_masked_pos"].bool()
-        pred = backbone.mim_head(backbone.norm(backbone.forward_image_features(batch["images"], mask))[:, 1:][mask])
+        pred, mask = masked_predictions(backbone, batch)
         dalle = backbone.config["mim_target"] == "dalle"
         return {"images": mim_panels(batch["images"], mask, pred, backbone.patch_size, image_state["mean"],
                                      image_state["std"], batch["mim_labels"] if dalle else None,

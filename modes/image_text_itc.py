@@ -206,7 +206,7 @@ def feature_gradient_surrogate(backbone, batch):
     img, txt = encode_pair(backbone, batch)
     total = (img.float() * batch[GRAD_KEYS[0]]).sum() + (txt.float() * batch[GRAD_KEYS[1]]).sum()
     if CACHE_KEYS[0] in batch:
-        total = total + contrastive_loss(backbone, batch[CACHE_KEYS[0]], batch[CACHE_KEYS[1]])["loss"]
+        total = total + contrastive_loss(backbone, batch[CACHE_KEYS[0]], batch[CACHE_KEYS[1]], spreads=False)["loss"]
     return {"loss": total}
 
 

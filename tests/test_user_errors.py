@@ -16,24 +16,18 @@ from run_helpers import run_entry  # noqa: E402
 def mistakes(d, tmp):
     """{name: (mode, argv overrides, text the error line must hold)}; `d` the demo data, `tmp` a scratch dir."""
     tmp = str(tmp)
-    no_mask = os.path.join(tmp, "no_mask_vocab.txt")
-    with open(no_mask, "w") as f:
-        f.write("[PAD]\n[UNK]\n[CLS]\n[SEP]\na\nphoto\n")
-    a_file = os.path.join(tmp, "a_file.txt")
-    with open(a_file, "w") as f:
-        f.write("not a folder\n")
-    yaml_bad = os.path.join(tmp, "bad.yaml")
-    with open(yaml_bad, "w") as f:
-        f.write("epochs: [1,\n")
-    yaml_unknown = os.path.join(tmp, "unknown.yaml")
-    with open(yaml_unknown, "w") as f:
-        f.write("epoch: 3\n")
-    yaml_value = os.path.join(tmp, "value.yaml")
-    with open(yaml_value, "w") as f:
-        f.write("warmup_epochs: -1\n")
-    not_ckpt = os.path.join(tmp, "notes.pth")
-    with open(not_ckpt, "w") as f:
-        f.write("hello")
+
+    def scratch_file(name, text):
+        path = os.path.join(tmp, name)
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+    no_mask = scratch_file("no_mask_vocab.txt", "[PAD]\n[UNK]\n[CLS]\n[SEP]\na\nphoto\n")
+    a_file = scratch_file("a_file.txt", "not a folder\n")
+    yaml_bad = scratch_file("bad.yaml", "epochs: [1,\n")
+    yaml_unknown = scratch_file("unknown.yaml", "epoch: 3\n")
+    yaml_value = scratch_file("value.yaml", "warmup_epochs: -1\n")
+    not_ckpt = scratch_file("notes.pth", "hello")
     missing = os.path.join(tmp, "missing")
     mlm, itc, mim = "text_mlm", "image_text_itc", "image_mim"
     return {

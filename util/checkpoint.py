@@ -99,34 +99,40 @@ def save_atomic(obj, path):
     removed, `path` is left as it was, and WriteFailed names the file and the reason."""
     if isinstance(obj, dict):
         obj = {**{k: v for k, v in obj.items() if k != CHECKSUM}, CHECKSUM: tensor_checksum(obj)}
-    tmp = f"{path}.tmp"
-    recorder = None
-    try:
+
+    def write(tmp):
         with open(tmp, "wb") as f:
             recorder = _WriteRecorder(f)
-            torch.save(obj, recorder)
+            try:
+                torch.save(obj, recorder)
+            except Exception:
+                if recorder.error is not None:  # torch.save's own message hides the errno
+                    raise recorder.error from None
+                raise
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        _remove(tmp)
-        if not isinstance(e, Exception):  # KeyboardInterrupt, SystemExit: not a write failure
-            raise
-        cause = recorder.error if recorder is not None and recorder.error is not None else e
-        raise WriteFailed(f"{failure_reason(cause)} writing {path} (the previous file, if any, is intact)") from None
+    _replace_atomically(path, write)
 
 
 def copy_atomic(src, dst):
     """Copy `src` over `dst` via `dst.tmp` (the same failure handling as save_atomic)."""
     import shutil
 
-    tmp = f"{dst}.tmp"
+    _replace_atomically(dst, lambda tmp: shutil.copyfile(src, tmp))
+
+
+def _replace_atomically(path, write):
+    """write(`path`.tmp), then rename it over `path`; on a failure the partial file is removed, `path` is left
+    as it was, and WriteFailed names the file and the reason."""
+    tmp = f"{path}.tmp"
     try:
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    except OSError as e:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
         _remove(tmp)
-        raise WriteFailed(f"{failure_reason(e)} writing {dst} (the previous file, if any, is intact)") from None
+        if not isinstance(e, Exception):  # KeyboardInterrupt, SystemExit: not a write failure
+            raise
+        raise WriteFailed(f"{failure_reason(e)} writing {path} (the previous file, if any, is intact)") from None
 
 
 def written_by_rank0(write, device):

@@ -78,7 +78,7 @@ def _choose_own(output_dir):
 
 def load_own(output_dir):
     """(path, checkpoint) of the run's own checkpoint to continue, or (None, None) when it has none."""
-    if not output_dir or not os.path.isdir(output_dir) or not _has_own(output_dir):
+    if not has_own_checkpoint(output_dir):
         return None, None
     path, ckpt, skipped = _choose_own(output_dir) if du.rank() == 0 else (None, None, None)
     path, skipped = du.broadcast_object((path, skipped))

@@ -12,27 +12,21 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
-
 from custom_datasets.records import utf8_lines  # noqa: E402
-from inference import image_sources, load_model, write_table  # noqa: E402
+from inference import add_command_args, image_sources, load_contrastive_model, write_results  # noqa: E402
 from util.errors import UserError, run_cli  # noqa: E402
 from util.flag_checks import positive_int  # noqa: E402
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="a checkpoint with trained contrastive heads")
+    add_command_args(p, "items")
     p.add_argument("--images", required=True, nargs="+", help="a folder of images, or image files")
     p.add_argument("--texts", default=None, help="a UTF-8 file, one text per line")
     p.add_argument("--text", action="append", default=[], help="a text (repeatable), besides --texts")
     p.add_argument("--topk", type=positive_int(), default=5, help="results per query")
     p.add_argument("--direction", default="both", choices=["both", "image2text", "text2image"],
                    help="which queries to answer")
-    p.add_argument("--batch_size", type=positive_int(), default=64, help="items per forward pass")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where the model runs")
-    p.add_argument("--out", default=None, help="write the results: .json or .csv (one row per query and rank)")
-    p.add_argument("--quiet", action="store_true", help="do not print the results")
     return p.parse_args(argv)
 
 
@@ -57,10 +51,7 @@ def ranked(query_kind, queries, keys, scores, k):
 def main(argv=None):
     args = parse_args(argv)
     texts, images = read_texts(args), [s for path in args.images for s in image_sources(path)]
-    model = load_model(args.checkpoint, args.device, args.batch_size)
-    if not model.contrastive:
-        raise UserError(f"--checkpoint {args.checkpoint}: its contrastive heads were never trained (a "
-                        f"{model.mode} checkpoint); retrieval needs an image_text_itc (or retrieval) checkpoint")
+    model = load_contrastive_model(args, "retrieval")
     scores = model.encode_image(images, progress=True) @ model.encode_text(texts, progress=True).T
     rows = []
     if args.direction in ("both", "image2text"):
@@ -71,8 +62,7 @@ def main(argv=None):
         for row in rows:
             print(f"{row['direction']} | {row['query']} | {row['rank']}. {row['result']} ({row['score']:.3f})")
     if args.out:
-        write_table(args.out, rows)
-        print(f"wrote {len(rows)} results to {args.out}")
+        write_results(args.out, rows, "results")
     return rows
 
 

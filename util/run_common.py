@@ -130,10 +130,7 @@ def open_run_folder(args, env, console_name="console.log"):
     a stopped writer removed."""
     import os
 
-    from util.flag_checks import check_output_dir
-
-    check_output_dir(args.output_dir)
-    try:
+    try:  # the folder was checked with the flags (util.flag_checks.check_output_dir); this is what remains
         os.makedirs(args.output_dir, exist_ok=True)
     except OSError as e:
         raise UserError(f"--output_dir {args.output_dir}: cannot be created ({e.strerror})") from None

@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from inference import image_files, load_model, write_table  # noqa: E402
+from inference import add_command_args, image_files, load_contrastive_model, write_results  # noqa: E402
 from util.errors import UserError, run_cli  # noqa: E402
 from util.flag_checks import positive_int  # noqa: E402
 from util.retrieval_metrics import read_classnames, read_templates, zero_shot_classifier  # noqa: E402
@@ -25,16 +25,12 @@ from util.retrieval_metrics import read_classnames, read_templates, zero_shot_cl
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="a checkpoint with trained contrastive heads")
+    add_command_args(p, "images")
     p.add_argument("--images", required=True, help="a folder of class sub-folders, or of images")
     p.add_argument("--classnames", default=None, help="one class per line (or wnid<TAB>name); default: the "
                                                       "sub-folder names")
     p.add_argument("--templates", default=None, help="prompt templates, one per line with {} (default: CLIP's)")
     p.add_argument("--topk", type=positive_int(), default=5, help="classes listed per image (and top-k accuracy)")
-    p.add_argument("--batch_size", type=positive_int(), default=64, help="images per forward pass")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where the model runs")
-    p.add_argument("--out", default=None, help="write the predictions: .csv or .json")
-    p.add_argument("--quiet", action="store_true", help="do not print a line per image")
     return p.parse_args(argv)
 
 
@@ -61,10 +57,7 @@ def main(argv=None):
     paths, targets, names = labelled_images(args.images, args.classnames)
     if not paths:
         raise UserError(f"--images {args.images}: no images")
-    model = load_model(args.checkpoint, args.device, args.batch_size)
-    if not model.contrastive:
-        raise UserError(f"--checkpoint {args.checkpoint}: its contrastive heads were never trained (a "
-                        f"{model.mode} checkpoint); zero-shot needs an image_text_itc (or retrieval) checkpoint")
+    model = load_contrastive_model(args, "zero-shot")
     weights = zero_shot_classifier(model.encode_token_ids, model.tokenizer, names, read_templates(args.templates),
                                    model.device)
     scores = model.encode_image(paths, progress=True) @ weights.T.to(model.device)
@@ -87,8 +80,7 @@ def main(argv=None):
         print(f"accuracy over {len(paths)} images, {len(names)} classes: top-1 {100 * hits[:, 0].float().mean():.2f}%"
               f", top-{k} {100 * hits.any(1).float().mean():.2f}%")
     if args.out:
-        write_table(args.out, rows)
-        print(f"wrote {len(rows)} predictions to {args.out}")
+        write_results(args.out, rows, "predictions")
     return rows
 
 
