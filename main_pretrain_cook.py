@@ -15,7 +15,7 @@ from custom_datasets.tokenizer import load_tokenizer
 from engine_pretrain import stop_for_preemption, Trainer, evaluate, run_config, train_one_epoch
 from models.loading import load_weights, model_for_resume
 from models.registry import (DUAL_ENCODER, check_overrides, create_model, model_config, model_names, model_options,
-                             patch_grid)
+                             patch_grid, switches_of)
 from models.trainable import configure_trainable
 from modes import all_modes, get_mode, mode_names
 from modes.base import PretrainModel
@@ -231,6 +231,8 @@ def build_model(args, overrides, plan):
         model = model_for_resume(plan.ckpt.get("model_config"), args.model, overrides, plan.path)
         provided = plan.ckpt.get("provided_keys", [])
     else:
+        if plan.kind == "weights":  # e.g. a converted VLMo file: its text positions, token types, VL experts
+            overrides = {**overrides, **switches_of(plan.ckpt.get("model_config"), args.model_kwargs)}
         model = create_model(args.model, **overrides)
         provided = list(getattr(model, "pretrained_keys", []))
     if plan.kind == "weights":

@@ -31,13 +31,20 @@ class PatchEmbed(nn.Module):
         return self.proj(images).flatten(2).transpose(1, 2)
 
 
-class TextEmbeddings(nn.Module):
-    """word + absolute position + token type, then LayerNorm (BERT layout)."""
+TEXT_POSITIONS = ("absolute", "relative")
 
-    def __init__(self, vocab_size, dim, max_len=196, type_vocab_size=2, drop=0.0):
+
+class TextEmbeddings(nn.Module):
+    """word + absolute position + token type, then LayerNorm (BERT layout). positions="relative" (VLMo's text,
+    HF BertEmbeddings with position_embedding_type="rel_pos"): no position table; the attention's relative
+    text bias carries the positions."""
+
+    def __init__(self, vocab_size, dim, max_len=196, type_vocab_size=2, drop=0.0, positions="absolute"):
         super().__init__()
+        if positions not in TEXT_POSITIONS:
+            raise ValueError(f"text_pos must be one of {TEXT_POSITIONS}, got {positions!r}")
         self.word_embeddings = nn.Embedding(vocab_size, dim)
-        self.position_embeddings = nn.Embedding(max_len, dim)
+        self.position_embeddings = nn.Embedding(max_len, dim) if positions == "absolute" else None
         self.token_type_embeddings = nn.Embedding(type_vocab_size, dim)
         self.norm = nn.LayerNorm(dim, eps=1e-12)
         self.drop = nn.Dropout(drop)
@@ -48,6 +55,8 @@ class TextEmbeddings(nn.Module):
         length = ids.shape[1]
         if length > self.position_ids.numel():
             raise ValueError(f"text of {length} tokens exceeds the model's {self.position_ids.numel()} positions")
-        x = self.word_embeddings(ids) + self.position_embeddings(self.position_ids[:length])
+        x = self.word_embeddings(ids)
+        if self.position_embeddings is not None:
+            x = x + self.position_embeddings(self.position_ids[:length])
         x = x + self.token_type_embeddings.weight[0]
         return self.drop(self.norm(x))

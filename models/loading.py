@@ -1,7 +1,8 @@
 """Load weights from a checkpoint of this architecture into a model, checking that it is one.
 
 Backbone shape mismatches and the other FFN layout are refused with a message naming the file; the
-relative position tables and the absolute patch positions are resized for another image size; pretraining heads of another shape (e.g. a
+relative position tables and the absolute patch positions are resized for another image size (the text tables
+for another max_text_len); pretraining heads of another shape (e.g. a
 pixel MIM head into a dVAE-target run) are dropped with a report.
 """
 import math
@@ -9,7 +10,7 @@ import math
 import torch
 
 from models.registry import ARCHITECTURE_KEYS, LEGACY_DEFAULTS, recorded_config
-from models.relative_position import resize_relative_position_table
+from models.relative_position import resize_relative_position_table, resize_text_relative_position_table
 from util.errors import UserError
 
 RESETTABLE_HEADS = ("mim_head.", "mlm_head.", "itc_image_proj.", "itc_text_proj.")
@@ -61,6 +62,9 @@ def load_pretrained_weights(model, state_dict, path, flag="--resume", ckpt_confi
         src, dst = state_dict[k], own[k]
         if src.shape == dst.shape:
             to_load[k] = src
+        elif k.endswith("text_relative_position_bias_table") and src.shape[1] == dst.shape[1]:
+            to_load[k] = resize_text_relative_position_table(src, model.config["max_text_len"])
+            report["resized"].append(k)
         elif k.endswith("relative_position_bias_table") and src.shape[1] == dst.shape[1]:
             to_load[k] = resize_relative_position_table(src, grid_from_buckets(src.shape[0]), model.grid_hw)
             report["resized"].append(k)

@@ -32,7 +32,7 @@ class Mlp(nn.Module):
 
 class MultiwayBlock(nn.Module):
     def __init__(self, dim, num_heads, mlp_ratio=4.0, ffn_layout="multiway", has_vl_expert=False, grid_hw=None,
-                 drop=0.0, attn_drop=0.0, drop_path=0.0, layer_scale_init=0.1):
+                 drop=0.0, attn_drop=0.0, drop_path=0.0, layer_scale_init=0.1, text_max_len=None):
         super().__init__()
         if ffn_layout not in FFN_LAYOUTS:
             raise ValueError(f"ffn_layout must be one of {FFN_LAYOUTS}, got {ffn_layout!r}")
@@ -40,7 +40,8 @@ class MultiwayBlock(nn.Module):
         self.has_vl_expert = has_vl_expert
         hidden = int(dim * mlp_ratio)
         self.norm1 = LayerNorm(dim)
-        self.attn = Attention(dim, num_heads, grid_hw=grid_hw, attn_drop=attn_drop, proj_drop=drop)
+        self.attn = Attention(dim, num_heads, grid_hw=grid_hw, attn_drop=attn_drop, proj_drop=drop,
+                              text_max_len=text_max_len)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         if ffn_layout == "shared":
             self.norm2, self.mlp = LayerNorm(dim), Mlp(dim, hidden, drop)
@@ -71,9 +72,9 @@ class MultiwayBlock(nn.Module):
         return torch.cat([self.mlp_text(self.norm2_text(text_part), use_lora=use_lora),
                           self.mlp_imag(self.norm2_imag(image_part), use_lora=use_lora)], dim=1)
 
-    def forward(self, x, modality, attn_mask=None, use_rel_pos=False, use_lora=True, text_len=None,
-                math_attention=False):
-        a = self.attn(self.norm1(x), attn_mask=attn_mask, use_rel_pos=use_rel_pos, use_lora=use_lora,
+    def forward(self, x, modality, attn_mask=None, use_lora=True, text_len=None, math_attention=False):
+        """x [B, L, D] of one modality ("image", "text") or fused ("vl": the first text_len tokens are text)."""
+        a = self.attn(self.norm1(x), attn_mask=attn_mask, modality=modality, use_lora=use_lora, text_len=text_len,
                       math_attention=math_attention)
         x = x + self.drop_path(a if self.gamma_1 is None else self.gamma_1 * a)
         f = self.ffn(x, modality, text_len, use_lora)

@@ -14,10 +14,14 @@ DUAL_ENCODER = "dual_encoder"
 
 _DEFAULTS = dict(img_size=224, patch_size=16, mlp_ratio=4.0, vocab_size=30522, max_text_len=196,
                  ffn_layout="multiway", drop_rate=0.0, drop_path_rate=0.0, mim_vocab_size=8192,
-                 mim_target="dalle", itc_loss="clip", itc_pool="cls", image_pos_embed=True)
+                 mim_target="dalle", itc_loss="clip", itc_pool="cls", image_pos_embed=True, text_pos="absolute",
+                 token_type_embed=False)
 # Config keys added after checkpoints were written, with the value a checkpoint's model_config without the key
 # means (the architecture it was trained with).
-LEGACY_DEFAULTS = {"image_pos_embed": False}
+LEGACY_DEFAULTS = {"image_pos_embed": False, "text_pos": "absolute", "token_type_embed": False}
+# text_pos: "absolute" (BERT position embeddings) or "relative" (VLMo: a 1-D text relative position bias per layer,
+# no position table); token_type_embed: VLMo's modality embedding. Both come from converted VLMo checkpoints
+# (util/convert_vlmo_ckpt.py); a weights file's model_config decides them unless --model_kwargs does.
 
 # Published VLMo/BEiT dimensions; vl_start = first layer (0-based) holding the vision-language expert.
 # layer_scale_init: the gammas of a FRESH model (1.0: see models/vlmo.py _init_weights); BEiT weights load theirs.
@@ -28,8 +32,19 @@ _ARCHS = {
     "vlmo_large_patch16": dict(embed_dim=1024, depth=24, num_heads=16, vl_start=21, layer_scale_init=1.0),
 }
 
+# Switches a weights file's model_config decides when the run's --model_kwargs does not set them (a converted VLMo
+# checkpoint has relative text positions, a token-type embedding and, text-only, no VL experts).
+WEIGHTS_DEFINED = ("text_pos", "token_type_embed", "vl_start")
+
+
+def switches_of(ckpt_config, explicit=()):
+    """{key: value} of WEIGHTS_DEFINED that a checkpoint's model_config records and `explicit` does not set."""
+    return {k: ckpt_config[k] for k in WEIGHTS_DEFINED if k in (ckpt_config or {}) and k not in explicit}
+
+
 # Keys that define which tensors exist and their shapes: checkpoints must agree on these.
-ARCHITECTURE_KEYS = ("embed_dim", "depth", "num_heads", "mlp_ratio", "patch_size", "ffn_layout", "vl_start")
+ARCHITECTURE_KEYS = ("embed_dim", "depth", "num_heads", "mlp_ratio", "patch_size", "ffn_layout", "vl_start",
+                     "text_pos", "token_type_embed")
 
 
 def _dual_encoder_options():

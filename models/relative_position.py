@@ -45,3 +45,57 @@ def resize_relative_position_table(table, src_grid_hw, dst_grid_hw):
     grid = F.interpolate(grid, size=(2 * dh - 1, 2 * dw - 1), mode="bicubic", align_corners=False)
     patch_part = grid.squeeze(0).permute(1, 2, 0).reshape(-1, heads).to(table.dtype)
     return torch.cat([patch_part, cls_part], dim=0)
+
+
+# ---- text (text_pos="relative", VLMo's layout) ----
+# One table per layer of 2 * max_len + 2 rows for text of at most max_len tokens (position 0 is [CLS]):
+#   rows 0 .. 2*max_len-4   the offset (key - query) between two tokens after [CLS], -(max_len-2) .. max_len-2
+#   rows 2*max_len-3 .. -1  [CLS]->token, token->[CLS], [CLS]->[CLS] (the same order as the image CLS buckets)
+#   the last 2 rows         text->image and image->text, used by the fused (text first) sequence only
+NUM_CROSS_BUCKETS = 2
+
+
+def num_text_buckets(max_len):
+    """2 * max_len: the offset and [CLS] buckets of text up to max_len tokens (392 at VLMo's 196)."""
+    return 2 * max_len
+
+
+def num_text_table_rows(max_len):
+    return num_text_buckets(max_len) + NUM_CROSS_BUCKETS
+
+
+def build_text_relative_position_index(max_len):
+    """LongTensor[max_len, max_len] of text bucket ids; the index of a shorter text is its top-left corner."""
+    pos = torch.arange(max_len - 1)
+    total = num_text_buckets(max_len)
+    index = torch.zeros(max_len, max_len, dtype=torch.long)
+    index[1:, 1:] = pos[None, :] - pos[:, None] + (max_len - 2)
+    index[0, :] = total - 3
+    index[:, 0] = total - 2
+    index[0, 0] = total - 1
+    return index
+
+
+def split_text_table(table):
+    """[2M + 2, heads] -> (offsets [2M - 3, heads], cls [3, heads], cross [2, heads])."""
+    cls_start = table.shape[0] - NUM_CROSS_BUCKETS - NUM_CLS_BUCKETS
+    return table[:cls_start], table[cls_start:-NUM_CROSS_BUCKETS], table[-NUM_CROSS_BUCKETS:]
+
+
+def text_table_from_parts(offsets, cls, cross, max_len):
+    """Assemble a [2 * max_len + 2, heads] text table from `offsets` [2m - 3, heads] (any source length m: the
+    central offsets are kept, offsets the source lacks start at zero), `cls` [3, heads] and `cross` [2, heads]."""
+    want = 2 * max_len - 3
+    have = offsets.shape[0]
+    if have >= want:
+        start = (have - want) // 2
+        offsets = offsets[start:start + want]
+    else:
+        pad = offsets.new_zeros((want - have) // 2, offsets.shape[1])
+        offsets = torch.cat([pad, offsets, pad], dim=0)
+    return torch.cat([offsets, cls, cross], dim=0)
+
+
+def resize_text_relative_position_table(table, max_len):
+    """A text table for another maximum text length: offsets cropped or zero-padded about 0, CLS and cross kept."""
+    return text_table_from_parts(*split_text_table(table), max_len).clone()

@@ -45,12 +45,17 @@ class VLMo(nn.Module):
         self.image_pos_embed = (nn.Parameter(torch.zeros(1, self.patch_embed.num_patches, dim))
                                 if c["image_pos_embed"] else None)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.text_embeddings = TextEmbeddings(c["vocab_size"], dim, c["max_text_len"], drop=c["drop_rate"])
+        self.text_embeddings = TextEmbeddings(c["vocab_size"], dim, c["max_text_len"], drop=c["drop_rate"],
+                                              positions=c["text_pos"])
+        # VLMo's modality embedding (config token_type_embed): row 0 added to every text token, row 1 to every
+        # image token (CLS included), in the single-modality paths as in the fused one.
+        self.token_type_embeddings = nn.Embedding(2, dim) if c["token_type_embed"] else None
+        text_max_len = c["max_text_len"] if c["text_pos"] == "relative" else None
         dpr = [c["drop_path_rate"] * i / max(c["depth"] - 1, 1) for i in range(c["depth"])]
         self.blocks = nn.ModuleList([
             MultiwayBlock(dim, c["num_heads"], c["mlp_ratio"], c["ffn_layout"], has_vl_expert=i >= c["vl_start"],
                           grid_hw=self.grid_hw, drop=c["drop_rate"], drop_path=dpr[i],
-                          layer_scale_init=c["layer_scale_init"])
+                          layer_scale_init=c["layer_scale_init"], text_max_len=text_max_len)
             for i in range(c["depth"])])
         self.norm = LayerNorm(dim)
         self.mlm_head = MLMHead(dim, c["vocab_size"])
@@ -115,27 +120,49 @@ class VLMo(nn.Module):
             nn.init.normal_(proj.weight, std=proj.in_features ** -0.5)
 
     # ---- feature extractors (last block output, before the final norm) ----
-    def _run_blocks(self, x, modality, attn_mask=None, use_rel_pos=False, text_len=None):
+    def _run_blocks(self, x, modality, attn_mask=None, text_len=None):
         use_lora = modality in self.lora_modalities
         for block in self.blocks:
-            x = block(x, modality, attn_mask=attn_mask, use_rel_pos=use_rel_pos, use_lora=use_lora,
-                      text_len=text_len, math_attention=self.math_attention)
+            x = block(x, modality, attn_mask=attn_mask, use_lora=use_lora, text_len=text_len,
+                      math_attention=self.math_attention)
         return x
 
-    def forward_image_features(self, images, bool_masked_pos=None):
-        """images [B, 3, H, W], bool_masked_pos [B, N] or None -> [B, 1+N, D] (before the final norm)."""
+    def _with_token_type(self, x, index):
+        if self.token_type_embeddings is None:
+            return x
+        return x + self.token_type_embeddings.weight[index].type_as(x)
+
+    def embed_image(self, images, bool_masked_pos=None):
+        """images [B, 3, H, W] -> [B, 1+N, D] tokens entering the blocks (CLS first)."""
         x = self.patch_embed(images)
         if bool_masked_pos is not None:
             x = torch.where(bool_masked_pos.bool().unsqueeze(-1), self.mask_token.type_as(x), x)
         if self.image_pos_embed is not None:
             x = x + (POS_EMBED_GAIN * self.image_pos_embed).type_as(x)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).type_as(x), x], dim=1)
-        return self._run_blocks(x, "image", use_rel_pos=True)
+        return self._with_token_type(x, 1)
+
+    def embed_text(self, text_ids):
+        """text_ids [B, L] -> [B, L, D] tokens entering the blocks."""
+        return self._with_token_type(self.text_embeddings(text_ids), 0)
+
+    def forward_image_features(self, images, bool_masked_pos=None):
+        """images [B, 3, H, W], bool_masked_pos [B, N] or None -> [B, 1+N, D] (before the final norm)."""
+        return self._run_blocks(self.embed_image(images, bool_masked_pos), "image")
 
     def forward_text_features(self, text_ids, text_masks):
         """text_ids [B, L], text_masks [B, L] (1 = token, 0 = pad) -> [B, L, D] (before the final norm)."""
         attn_mask = text_masks.bool()[:, None, None, :]
-        return self._run_blocks(self.text_embeddings(text_ids), "text", attn_mask=attn_mask)
+        return self._run_blocks(self.embed_text(text_ids), "text", attn_mask=attn_mask)
+
+    def forward_fused_features(self, text_ids, text_masks, images):
+        """One text+image sequence in VLMo's order -> [B, L + 1 + N, D] (before the final norm): the text
+        (padded, [CLS] first) then the image's CLS and patches. Layers with a VL expert send every token to
+        it; the others route the first L tokens to the text expert and the rest to the image expert."""
+        text, image = self.embed_text(text_ids), self.embed_image(images)
+        keep = torch.cat([text_masks.bool(), text_masks.new_ones(image.shape[:2]).bool()], dim=1)
+        return self._run_blocks(torch.cat([text, image], dim=1), "vl", attn_mask=keep[:, None, None, :],
+                                text_len=text.shape[1])
 
     def pooled_image(self, images):
         """[B, 3, H, W] -> [B, D]: the final-norm image CLS token (or the patch mean, itc_pool="mean")."""

@@ -14,8 +14,8 @@ from modes.text_mlm import TextMLM
 from run_helpers import REPO, load_ckpt
 
 # Command-line tools under util/ may import upward; every other util module is a library module.
-UTIL_TOOLS = {"convert_beit_ckpt", "convert_dvae", "eval_itc", "forgetting_probe", "merge_lora", "make_pair_shards",
-              "validate_pairs", "zero_shot", "retrieve"}
+UTIL_TOOLS = {"convert_beit_ckpt", "convert_vlmo_ckpt", "convert_dvae", "eval_itc", "forgetting_probe", "merge_lora",
+              "make_pair_shards", "validate_pairs", "zero_shot", "retrieve"}
 UPWARD = ("models", "custom_datasets", "modes", "tasks", "engine_pretrain", "main_pretrain_cook", "main_finetune",
           "inference")
 

@@ -211,11 +211,11 @@ def summarize_keys(keys) -> list[str]:
     return lines
 
 
-def load_beit_checkpoint(path: str):
+def load_beit_checkpoint(path: str, what: str = "BEiT"):
     """torch.load with weights_only=True; argparse.Namespace (the training args some BEiT releases
     carry) is allowed as a plain attribute holder."""
     if not os.path.isfile(path):
-        raise UserError(f"--src {path}: file not found; download the BEiT checkpoint and place it there")
+        raise UserError(f"--src {path}: file not found; download the {what} checkpoint and place it there")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)

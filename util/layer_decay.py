@@ -6,7 +6,8 @@ Names may carry a wrapper prefix (`backbone.blocks.3.attn.qkv.weight`).
 """
 import re
 
-_EMBEDDINGS = ("patch_embed", "cls_token", "mask_token", "text_embeddings", "pos_embed")
+_EMBEDDINGS = ("patch_embed", "cls_token", "mask_token", "text_embeddings", "pos_embed",
+               "token_type_embeddings")
 _BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
 
 
