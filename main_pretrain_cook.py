@@ -214,8 +214,8 @@ def model_overrides(args, tokenizer, mode):
                max_text_len=args.max_text_len if hf_text_folder(args) else max(args.max_text_len, 196),
                image_tower=args.image_tower, image_tower_weights=args.image_tower_weights,
                image_tower_kwargs=args.image_tower_kwargs, text_tower=args.text_tower,
-               text_tower_kwargs=args.text_tower_kwargs,
-               **mode.model_overrides())
+               text_tower_kwargs=args.text_tower_kwargs)
+    run.update(mode.model_overrides())
     if "image_tower" in model_options(args.model):
         run["embed_dim"] = args.itc_embed_dim  # the dual encoder's shared embedding; a backbone's is its width
     if args.img_size:
@@ -272,6 +272,7 @@ def run(args, argv):
         adapt_to_world_size(args, plan.ckpt, plan.path, sharded=is_shard_path(args.data_path))
     mode = get_mode(args.mode)(args)
     tokenizer = load_run_tokenizer(args, plan)
+    plan = mode.starting_point(plan, tokenizer)
     if args.check:
         return check_run(args, env, plan, mode, tokenizer)
     open_run_folder(args, env)

@@ -79,7 +79,7 @@ def configure_trainable(model, mode, lora_rank=0, lora_alpha=1.0, provided_keys=
         tower = tower_of(name)
         if tower in locked:
             return False
-        if tower == "shared" and locked and mode == "image_text_itc":
+        if tower == "shared" and locked:
             return False  # shared attention serves the locked tower too; it may only adapt through LoRA
         return True
 

@@ -7,6 +7,7 @@ A mode (one file in modes/) subclasses `PretrainMode` and is registered with `@r
 - `add_args(group)`: its flags (added to main_pretrain_cook's parser for every registered mode).
 - `resolve_defaults(args)`: fill in the defaults that depend on the mode (flags left at None).
 - `check_inputs(args, grid)`: validate its flags against the patch grid and its own files, before any work.
+- `starting_point(plan, tokenizer)`: the weights a run starts from when the flags name none (default: none).
 - `model_overrides()`: registry overrides the mode needs (e.g. the dVAE vocabulary of the MIM head).
 - `init_fresh(backbone, loaded, global_batch)`: initialise what depends on the run (not on the
   architecture) in the parameters no checkpoint provided (`loaded`: the names that were loaded).
@@ -69,6 +70,11 @@ class PretrainMode:
     def check_inputs(args, grid):
         """Check (before any work starts) the mode's flags against the patch `grid` (rows, cols; None for a
         model without one) and its own input files; adjust what must fit the grid, with a printed line."""
+
+    def starting_point(self, plan, tokenizer):
+        """The util.resume.ResumePlan the run starts from, given the one --resume and the output folder chose
+        (default: that one; text_distill starts a fresh run from its teacher)."""
+        return plan
 
     def model_overrides(self):
         return {}
