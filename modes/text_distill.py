@@ -104,14 +104,15 @@ class TextDistill(PretrainMode):
         ckpt = self._load_teacher_file()
         config, state = ckpt["model_config"], extract_state_dict(ckpt)
         own_text = not is_dual_encoder_config(config) or self.student_text_tower() == OURS
-        vocab = config["text"].get("vocab_size") if is_dual_encoder_config(config) else config["vocab_size"]
         if is_dual_encoder_config(config) and not own_text:
             state = {k: v for k, v in state.items() if not k.startswith(("text_tower.", "itc_text_proj."))}
-        elif vocab != tokenizer.vocab_size:
+            LOG.info(f"student: the teacher {self.args.distill_teacher}'s image tower, a new text tower")
+        elif _vocabulary(tokenizer.to_state()) != _vocabulary(ckpt["tokenizer"]):  # rows would mean other tokens
             state = {k: v for k, v in state.items() if "word_embeddings" not in k and not k.startswith("mlm_head.")}
-        LOG.info(f"student starts from the teacher {self.args.distill_teacher}"
-                 + ("" if vocab == tokenizer.vocab_size and own_text else
-                    " (new word embeddings for its vocabulary of " f"{tokenizer.vocab_size} tokens)"))
+            LOG.info(f"student starts from the teacher {self.args.distill_teacher} with new word embeddings for its "
+                     f"vocabulary of {tokenizer.vocab_size} tokens")
+        else:
+            LOG.info(f"student starts from the teacher {self.args.distill_teacher} (same vocabulary)")
         # no model_config: the student's architecture is the teacher's by model_overrides, less its text tower
         return ResumePlan("weights", self.args.distill_teacher, {"model": state},
                           f"text_distill: starting from the teacher {self.args.distill_teacher}")
@@ -198,6 +199,11 @@ def distill_terms(student, teacher, which, scale):
     if which in ("contrastive", "both"):
         out["contrastive_loss"] = clip_loss(teacher, student, torch.tensor(scale, device=student.device).log())["loss"]
     return out
+
+
+def _vocabulary(state):
+    """What fixes the meaning of each embedding row: the token list (ours) or the tokenizer.json (HF)."""
+    return state.get("vocab", state.get("tokenizer_json"))
 
 
 def _agreement(outputs):
