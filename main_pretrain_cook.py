@@ -282,6 +282,7 @@ def run(args, argv):
         mode.init_fresh(backbone, set(provided), args.effective_batch_size)
     log_trainable(backbone, groups)
     model = PretrainModel(backbone, mode).to(env.device)
+    mode.before_training(backbone, env)
     optimizer = build_adamw(backbone, args.lr, args.weight_decay, tuple(args.opt_betas))
     autocast_dtype, scaler = autocast_setup(args.precision, env.device)
     pos = restore_training_state(plan.ckpt, optimizer, scaler, env.rank, env.world_size, args.seed) if plan.kind == "train" else RunPosition()

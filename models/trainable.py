@@ -102,3 +102,14 @@ def configure_trainable(model, mode, lora_rank=0, lora_alpha=1.0, provided_keys=
             group = "lora" if ".lora_" in name else tower_of(name)
             groups.setdefault(group, []).append(name)
     return groups
+
+
+def on_image_path(model, name):
+    """True if the state-dict entry `name` takes part in `model.encode_image` (LoRA adapters excluded: on a locked
+    image tower they act on the text only)."""
+    if ".lora_" in name:
+        return False
+    if hasattr(model, "configure_trainable"):  # the dual encoder names its towers
+        from models.dual_encoder import tower_of as dual_tower_of
+        return dual_tower_of(name) == "image"
+    return tower_of(name) in ("image", "shared")

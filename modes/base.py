@@ -12,6 +12,7 @@ A mode (one file in modes/) subclasses `PretrainMode` and is registered with `@r
 - `init_fresh(backbone, loaded, global_batch)`: initialise what depends on the run (not on the
   architecture) in the parameters no checkpoint provided (`loaded`: the names that were loaded).
 - `setup(device)`: build what the mode needs beside the model (the dVAE tokenizer for image_mim).
+- `before_training(backbone, env)`: work on the built model before the first step (the LiT embedding cache).
 - `build_data(tokenizer, image_state, rank, world_size, grid)` -> PretrainData: its dataset, collator and
   transforms.
 - `prepare_batch(batch)`: targets computed on the device before the forward (dVAE tokens), no grad.
@@ -84,6 +85,10 @@ class PretrainMode:
 
     def setup(self, device):
         """Build what the mode needs beside the model, on `device`."""
+
+    def before_training(self, backbone, env):
+        """Work that needs the built model (weights loaded, on env.device) before the first step, on every rank
+        (it may run collectives): image_text_itc's --lit_cache build."""
 
     def check_model(self, backbone):
         kind = backbone.config.get("kind")

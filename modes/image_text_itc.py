@@ -31,26 +31,31 @@ fine-tuning's 0.875 crop); the fraction is saved with the run (image_preprocess)
 evaluates a checkpoint on the same view.
 """
 import contextlib
+import os
 
 import torch
 from torch.utils.data import DataLoader
 
+from custom_datasets.embedding_cache import CachedPairCollator, CachedPairs, EmbeddingCache, build_chunks, fingerprint
 from custom_datasets.image_dataset import ImageFolderDataset, build_crop_view, build_eval_transform, collate_image_batch
 from custom_datasets.loaders import batches_per_epoch, eval_loader, train_loader
 from custom_datasets.pair_collator import PairCollator
 from custom_datasets.pair_dataset import build_pair_dataset, is_shard_path
+from custom_datasets.parquet_pairs import is_parquet_path
 from models.contrastive import clamp_logit_scale_, contrastive_loss, siglip_prior_bias
+from models.trainable import on_image_path
 from models.vlmo import ITC_LOSSES
 from modes import register_mode
 from modes.base import PretrainData, PretrainMode
 from util.errors import UserError
-from util.flag_checks import fraction
+from util.flag_checks import Bounded, fraction
 from util.itc_eval import retrieval_set, zero_shot_set
 from util.itc_monitor import ContrastiveMonitor
 from util.logger import LOG
 from util.preemption import ignore_stop_signals
 from util.retrieval_metrics import read_classnames, read_templates
-from util.run_common import autocast_context
+from util.dist import barrier
+from util.run_common import autocast_context, autocast_setup
 
 # Batch entries the exact accumulation adds for a micro-batch's recompute (see accumulate_exactly).
 GRAD_KEYS = ("itc_grad_image", "itc_grad_text")
@@ -91,6 +96,12 @@ class ImageTextITC(PretrainMode):
                            help="embedding of each tower: the CLS token (VLMo), or the mean of its tokens")
         group.add_argument("--lock_image", action="store_true", help="LiT: image tower frozen, embeddings unchanged")
         group.add_argument("--lock_text", action="store_true", help="text tower frozen")
+        group.add_argument("--lit_cache", default=None,
+                           help="LiT (--lock_image, whole unflipped images): a folder for the locked tower's "
+                                "embeddings of every training pair, computed once (sharded over ranks, resumable, "
+                                "refused when stale); training then decodes no image")
+        group.add_argument("--lit_cache_chunk", type=Bounded(int, 1), default=4096,
+                           help="--lit_cache: embeddings per chunk file (what a killed build recomputes)")
         group.add_argument("--zeroshot_data_path", default=None, help="ImageNet-style folder for zero-shot evaluation")
         group.add_argument("--zeroshot_classnames", default=None, help="wnid<TAB>name file (default: folder names)")
         group.add_argument("--zeroshot_templates", default=None, help="prompt templates, one per line with {}")
@@ -104,6 +115,20 @@ class ImageTextITC(PretrainMode):
                 args.siglip_bias_init = float(args.siglip_bias_init)
             except ValueError:
                 raise UserError(f"--siglip_bias_init {args.siglip_bias_init!r}: 'prior' or a number") from None
+
+    @staticmethod
+    def check_inputs(args, grid):
+        if not args.lit_cache or args.mode != "image_text_itc":
+            return
+        if not args.lock_image:
+            raise UserError("--lit_cache caches the locked image tower's embeddings: it needs --lock_image")
+        if args.itc_crop_min_scale < 1 or args.itc_flip_prob > 0:
+            raise UserError(f"--lit_cache: the training view must be the evaluation view (whole, unflipped images); "
+                            f"got --itc_crop_min_scale {args.itc_crop_min_scale:g} --itc_flip_prob "
+                            f"{args.itc_flip_prob:g}: pass --itc_crop_min_scale 1")
+        if is_shard_path(args.data_path) or is_parquet_path(args.data_path):
+            raise UserError(f"--lit_cache: --data_path {args.data_path}: needs a CSV/TSV or MUGE pair file (the "
+                            "cached run reads captions without the images)")
 
     def model_overrides(self):
         return {"itc_loss": self.args.itc_loss, "itc_pool": self.args.itc_pool}
@@ -124,17 +149,23 @@ class ImageTextITC(PretrainMode):
 
     def build_data(self, tokenizer, image_state, rank, world_size, grid):
         a = self.args
-        collate = PairCollator(tokenizer)
+        collate = train_collate = PairCollator(tokenizer)
         view = build_crop_view(image_state, scale=(a.itc_crop_min_scale, 1.0), hflip=a.itc_flip_prob)
         train_set = build_pair_dataset(a.data_path, view, seed=a.seed, batch_size=a.batch_size, rank=rank, world_size=world_size)
+        if a.lit_cache:  # the images are decoded once, by before_training, on the evaluation view
+            self.cache_source = build_pair_dataset(a.data_path, build_eval_transform(image_state), seed=a.seed)
+            self.cache_extra = {"preprocess": image_state, "data": os.path.abspath(a.data_path),
+                                "bytes": os.path.getsize(a.data_path), "items": len(train_set)}
+            self.cache = EmbeddingCache(a.lit_cache, len(train_set), a.lit_cache_chunk)
+            train_set, train_collate = CachedPairs(train_set, self.cache, a.seed), CachedPairCollator(tokenizer)
         if is_shard_path(a.data_path):
-            loader = DataLoader(train_set, batch_size=a.batch_size, collate_fn=collate, num_workers=a.num_workers,
+            loader = DataLoader(train_set, batch_size=a.batch_size, collate_fn=train_collate, num_workers=a.num_workers,
                                 pin_memory=a.pin_mem and torch.cuda.is_available(),
                                 persistent_workers=a.num_workers > 0, worker_init_fn=ignore_stop_signals)
             sampler, steps = _ShardEpochs(train_set, a.batch_size), train_set.steps_per_epoch
             num_train = steps * a.batch_size * world_size
         else:
-            loader, sampler = train_loader(train_set, collate, a.batch_size, rank, world_size, a.seed,
+            loader, sampler = train_loader(train_set, train_collate, a.batch_size, rank, world_size, a.seed,
                                            a.num_workers, a.pin_mem, "--data_path")
             steps, num_train = batches_per_epoch(sampler, a.batch_size), len(train_set)
         val, val_set = None, None
@@ -145,8 +176,35 @@ class ImageTextITC(PretrainMode):
         return PretrainData(loader, sampler, val, steps, num_train, len(val_set) if val_set is not None else 0,
                             val_set)
 
+    def before_training(self, backbone, env):
+        """--lit_cache: check the cache against this run's image tower and data, and build what is missing."""
+        if not self.args.lit_cache:
+            return
+        tensors = {k: v for k, v in backbone.state_dict().items() if on_image_path(backbone, k)}
+        key = fingerprint(tensors, self.cache_extra)
+        if self.cache.check_or_start(key, self.args.data_path, env.is_main):
+            LOG.info(f"lit cache: {self.cache.num_items} embeddings in {self.args.lit_cache} match this run")
+            return
+        barrier()  # meta.json exists before any rank writes a chunk
+        dtype, _ = autocast_setup(self.args.precision, env.device)
+        was_training, rng = backbone.training, _rng_snapshot(env.device)
+        backbone.eval()
+
+        def encode(images):
+            with torch.no_grad(), autocast_context(env.device, dtype):
+                return backbone.encode_image(images.to(env.device))
+        build_chunks(self.cache, self.cache_source, encode, env.rank, env.world_size, self.args.batch_size,
+                     self.args.num_workers, LOG.info)
+        backbone.train(was_training)
+        _rng_restore(rng, env.device)  # the loaders drew seeds: a run with a partial cache stays the same run
+        barrier()
+        if self.cache.missing(0, 1):
+            raise UserError(f"--lit_cache {self.args.lit_cache}: chunks missing after the build "
+                            f"({len(self.cache.missing(0, 1))}); is the folder shared by every node?")
+        LOG.info(f"lit cache: {self.cache.num_items} embeddings written to {self.args.lit_cache}")
+
     def loss_units(self, batch):
-        return torch.tensor(batch["images"].shape[0], device=batch["images"].device)
+        return torch.tensor(batch["text_ids"].shape[0], device=batch["text_ids"].device)
 
     @property
     def accumulate(self):
@@ -191,8 +249,11 @@ def build_zero_shot(args, tokenizer, image_state, rank, world_size):
 def encode_pair(backbone, batch):
     """(image, text) embeddings [B, D]; a locked tower (LiT) runs without building a graph: its embeddings
     cannot change anyway."""
-    with torch.no_grad() if "image" in backbone.locked_towers else contextlib.nullcontext():
-        img = backbone.encode_image(batch["images"])
+    if "image_emb" in batch:  # --lit_cache: the locked tower's embeddings, computed once
+        img = batch["image_emb"]
+    else:
+        with torch.no_grad() if "image" in backbone.locked_towers else contextlib.nullcontext():
+            img = backbone.encode_image(batch["images"])
     with torch.no_grad() if "text" in backbone.locked_towers else contextlib.nullcontext():
         txt = backbone.encode_text(batch["text_ids"], batch["text_masks"])
     return img, txt
