@@ -33,6 +33,7 @@ from torch.utils.data import Dataset
 
 from custom_datasets.pair_dataset import (BadSample, decode_image, load_with_replacement, parse_key,
                                           read_file_bytes)
+from custom_datasets.masking_generator import masked_positions
 from custom_datasets.text_dataset import PackedStrings
 from util.errors import UserError
 from util.logger import LOG
@@ -327,4 +328,6 @@ def collate_image_batch(items: list) -> tuple[dict, torch.Tensor]:
     samples = [s for s, _ in items]
     batch = {k: torch.stack([s[k] for s in samples]) for k in samples[0] if k != "bad"}
     batch["bad"] = [b for s in samples for b in s["bad"]]
+    if "bool_masked_pos" in batch:  # image_mim: the masked patches' positions, found here rather than in the step
+        batch["mim_positions"], batch["mim_count"] = masked_positions(batch["bool_masked_pos"].bool())
     return batch, torch.tensor([t for _, t in items], dtype=torch.long)

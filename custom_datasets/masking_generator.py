@@ -17,6 +17,7 @@ import math
 from typing import NamedTuple
 
 import numpy as np
+import torch
 
 
 class Block(NamedTuple):
@@ -103,3 +104,11 @@ class MaskingGenerator:
 
     def __call__(self, rng: np.random.Generator) -> np.ndarray:
         return self.generate(rng)[0]
+
+
+def masked_positions(mask):
+    """(flat positions LongTensor[M] of the True entries of a [B, L] bool mask, their count LongTensor[]):
+    computed in the data workers so the step selects masked tokens with index_select (a known shape) instead
+    of boolean indexing, which waits for the device to count them."""
+    positions = mask.reshape(-1).nonzero().squeeze(1)
+    return positions, torch.tensor(positions.numel(), dtype=torch.long)

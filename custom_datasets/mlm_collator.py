@@ -7,6 +7,8 @@ padding width, worker count, rank or prefetching, and a resumed run replays it e
 import numpy as np
 import torch
 
+from custom_datasets.masking_generator import masked_positions
+
 IGNORE_INDEX = -100
 
 # Stream ids keep the independent draws of one token apart.
@@ -102,4 +104,7 @@ class MLMCollator:
             mask_id=self.tokenizer.mask_id, vocab_size=self.tokenizer.vocab_size,
             mask_prob=self.mask_prob, mask_token_frac=self.mask_token_frac,
             random_token_frac=self.random_token_frac)
-        return {"text_ids": masked, "text_masks": attention, "text_labels": labels}
+        positions, count = masked_positions(labels != -100)
+        return {"text_ids": masked, "text_masks": attention, "text_labels": labels, "mlm_positions": positions,
+                "mlm_count": count}
+

@@ -62,7 +62,7 @@ def clip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor,
         "i2t_acc": _accuracy(logits_i2t, labels),
         "t2i_acc": _accuracy(logits_t2i, labels),
         "temperature": scale.detach(),
-        "chance_loss": torch.tensor(math.log(batch * world), device=img.device),
+        "chance_loss": img.new_full((), math.log(batch * world), dtype=torch.float32),
     }
 
 
@@ -101,7 +101,7 @@ def siglip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor,
         "t2i_acc": _accuracy(logits_t2i, labels),
         "temperature": scale.detach(),
         "logit_bias": bias.detach().clone(),  # a copy: detach() alone would show the value after the step
-        "chance_loss": torch.tensor(siglip_chance_loss(batch * world), device=img.device),
+        "chance_loss": img.new_full((), siglip_chance_loss(batch * world), dtype=torch.float32),
     }
 
 

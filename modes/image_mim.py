@@ -44,21 +44,23 @@ def target_statistics(labels, vocab_size):
 
 
 def masked_predictions(backbone, batch):
-    """(the MIM head's output at the masked patches [M, D], the mask [B, N])."""
+    """(the MIM head's output at the masked patches [M, D], the mask [B, N]); the patches are the collator's
+    mim_positions (index_select of a known shape: no step waits for the device to count them)."""
     mask = batch["bool_masked_pos"].bool()
-    feats = backbone.norm(backbone.forward_image_features(batch["images"], mask))[:, 1:]
-    return backbone.mim_head(feats[mask]), mask
+    feats = backbone.forward_image_features(batch["images"], mask)[:, 1:]
+    selected = feats.flatten(0, 1).index_select(0, batch["mim_positions"])
+    return backbone.mim_head(backbone.norm(selected)), mask
 
 
 def masked_terms(backbone, batch):
-    """(per-masked-patch loss [M], correct [M] or None, image index [M]) of the batch's masked patches."""
+    """(per-masked-patch loss [M], correct [M] or None, mask [B, N]) of the batch's masked patches."""
     pred, mask = masked_predictions(backbone, batch)
-    pred = pred.float()
+    pred, positions = pred.float(), batch["mim_positions"]
     if backbone.config["mim_target"] == "dalle":
-        targets = batch["mim_labels"][mask]
+        targets = batch["mim_labels"].flatten().index_select(0, positions)
         terms, correct = F.cross_entropy(pred, targets, reduction="none"), pred.argmax(-1) == targets
     else:
-        patches = patchify(batch["images"].float(), backbone.patch_size)[mask]
+        patches = patchify(batch["images"].float(), backbone.patch_size).flatten(0, 1).index_select(0, positions)
         mean, var = patches.mean(-1, keepdim=True), patches.var(-1, keepdim=True)
         terms, correct = (pred - (patches - mean) / (var + 1e-6).sqrt()).pow(2).mean(-1), None
     return terms, correct, mask
@@ -66,7 +68,7 @@ def masked_terms(backbone, batch):
 
 def predict_per_image(backbone, batch, prepared=None):
     terms, correct, mask = masked_terms(backbone, batch)
-    row = mask.nonzero()[:, 0]
+    row = batch["mim_positions"] // mask.shape[1]
     zeros = torch.zeros(mask.shape[0], device=terms.device)
     out = {"loss_sum": zeros.index_add(0, row, terms), "units": mask.sum(1).float()}
     if correct is not None:
@@ -239,7 +241,7 @@ class ImageMIM(PretrainMode):
             self.targets(batch)
 
     def loss_units(self, batch):
-        return batch["bool_masked_pos"].sum()
+        return batch["mim_count"]
 
     def loss(self, backbone, batch):
         terms, correct, mask = masked_terms(backbone, batch)

@@ -20,6 +20,7 @@ Evaluation: on `--val_data_path` pairs, student-to-teacher retrieval R@1 (each t
 against all sources' teacher embeddings) and the MSE; zero-shot on `--zeroshot_data_path` with class names and
 templates in the new language (`--zeroshot_classnames`, `--zeroshot_templates`).
 """
+import math
 import os
 
 import torch
@@ -165,7 +166,7 @@ class TextDistill(PretrainMode):
             batch["teacher_emb"] = self.teacher.encode_text(batch["teacher_ids"], batch["teacher_masks"]).float()
 
     def loss_units(self, batch):
-        return torch.tensor(batch["text_ids"].shape[0], device=batch["text_ids"].device)
+        return batch["text_ids"].new_full((), batch["text_ids"].shape[0])
 
     def loss(self, backbone, batch):
         student = backbone.encode_text(batch["text_ids"], batch["text_masks"]).float()
@@ -197,7 +198,7 @@ def distill_terms(student, teacher, which, scale):
     if which in ("mse", "both"):
         out["mse_loss"] = (student - teacher).pow(2).sum(-1).mean()
     if which in ("contrastive", "both"):
-        out["contrastive_loss"] = clip_loss(teacher, student, torch.tensor(scale, device=student.device).log())["loss"]
+        out["contrastive_loss"] = clip_loss(teacher, student, student.new_full((), math.log(scale)))["loss"]
     return out
 
 

@@ -23,23 +23,23 @@ from util.logger import LOG
 
 
 def masked_logits(backbone, batch):
-    """(logits [M, vocab] float32, targets [M]) of the batch's M masked tokens; the decoder runs on those only."""
-    labels = batch["text_labels"]
-    feats = backbone.norm(backbone.forward_text_features(batch["text_ids"], batch["text_masks"]))
-    selected = labels != -100
-    return backbone.mlm_head(feats[selected]).float(), labels[selected]
+    """(logits [M, vocab] float32, targets [M]) of the batch's M masked tokens (the collator's mlm_positions, so no
+    step waits for the device to count them); the final norm and the decoder run on those only."""
+    feats = backbone.forward_text_features(batch["text_ids"], batch["text_masks"])
+    positions = batch["mlm_positions"]
+    selected = backbone.norm(feats.flatten(0, 1).index_select(0, positions))
+    return backbone.mlm_head(selected).float(), batch["text_labels"].flatten().index_select(0, positions)
 
 
 def predict_per_caption(backbone, batch, prepared=None):
     """Per caption: summed masked-token loss, correct predictions, masked count (each [B])."""
-    selected = batch["text_labels"] != -100
     logits, targets = masked_logits(backbone, batch)
-    row = selected.nonzero()[:, 0]
-    b = selected.shape[0]
+    b, length = batch["text_labels"].shape
+    row = batch["mlm_positions"] // length
     zeros = torch.zeros(b, device=logits.device)
     return {"loss_sum": zeros.index_add(0, row, F.cross_entropy(logits, targets, reduction="none")),
             "correct": zeros.index_add(0, row, (logits.argmax(-1) == targets).float()),
-            "units": selected.sum(1).float()}
+            "units": (batch["text_labels"] != -100).sum(1).float()}
 
 
 def per_token_metrics(outputs):
@@ -81,7 +81,7 @@ class TextMLM(PretrainMode):
                             len(val_set) if val_set is not None else 0, val_set)
 
     def loss_units(self, batch):
-        return (batch["text_labels"] != -100).sum()
+        return batch["mlm_count"]
 
     def loss(self, backbone, batch):
         logits, targets = masked_logits(backbone, batch)

@@ -115,17 +115,22 @@ def test_collator_on_captions_with_workers(demo_data, tiny_tokenizer):
     collate = MLMCollator(tiny_tokenizer, seed=5)
     keys = [(2, i) for i in range(48)]
     batch = collate([ds[k] for k in keys[:16]])
-    assert set(batch) == {"text_ids", "text_masks", "text_labels"}
-    assert all(v.dtype == torch.long and v.shape == batch["text_ids"].shape for v in batch.values())
+    assert set(batch) == {"text_ids", "text_masks", "text_labels", "mlm_positions", "mlm_count"}
+    grids = ("text_ids", "text_masks", "text_labels")
+    assert all(batch[k].dtype == torch.long and batch[k].shape == batch["text_ids"].shape for k in grids)
+    # the masked tokens' flat positions, found in the worker (the step then needs no device-side count)
+    selected = (batch["text_labels"] != IGNORE_INDEX).flatten()
+    assert torch.equal(batch["mlm_positions"], selected.nonzero().squeeze(1))
+    assert batch["mlm_count"].item() == selected.sum().item() and batch["mlm_count"].ndim == 0
     assert ((batch["text_labels"] != IGNORE_INDEX).sum(1) >= 1).all()
     assert (batch["text_ids"][batch["text_masks"] == 0] == tiny_tokenizer.pad_id).all()
     # Two fork workers and a different batch split give the same rows as the single process.
     loader = DataLoader(ds, sampler=keys, batch_size=8, num_workers=2, collate_fn=collate,
                         multiprocessing_context="fork")
-    rows = [{k: b[k][r] for k in b} for b in loader for r in range(len(b["text_ids"]))]
+    rows = [{k: b[k][r] for k in grids} for b in loader for r in range(len(b["text_ids"]))]
     for r in range(16):
         n = int(batch["text_masks"][r].sum())
-        for k in batch:
+        for k in grids:
             assert torch.equal(rows[r][k][:n], batch[k][r][:n]), (r, k)
     assert tiny_tokenizer.decode(batch["text_labels"][0].clamp(min=0)) != ""
 
