@@ -22,8 +22,8 @@ from util.logger import LOG, MetricWindow, format_duration, peak_memory_gb
 from util.lr_sched import lr_at_step, set_lr
 from util.run_common import autocast_context, batch_to_device, optimizer_step
 
-__all__ = ["NonFiniteLoss", "RunConfig", "Trainer", "run_config", "accumulate_gradients", "evaluate", "train_one_epoch",
-           "stop_for_preemption"]
+__all__ = ["NonFiniteLoss", "RunConfig", "Trainer", "run_config", "accumulate_gradients", "evaluate", "held_out",
+           "train_one_epoch", "stop_for_preemption"]
 
 
 @dataclass(kw_only=True)
@@ -95,14 +95,16 @@ def accumulate_gradients(trainer, batches, nonfinite):
     for i, b in enumerate(batches):
         sync = i == len(batches) - 1 or not hasattr(model, "no_sync")
         with contextlib.nullcontext() if sync else model.no_sync(), autocast_context(cfg.device, cfg.autocast_dtype):
-            out = model(b, loss_normalizer=normalizer, reg_scale=1.0 / len(batches))
+            # the self-regularization term, the same for every micro-batch of a step, enters once (the last)
+            out = model(b, loss_normalizer=normalizer, reg_scale=float(i == len(batches) - 1))
         loss = out.pop("loss")
         (scaler.scale(loss) if scaler is not None else loss).backward()
         nonfinite |= ~torch.isfinite(loss.detach())
         # `loss` adds up to the step's objective over micro-steps; named terms are per-micro means.
         metrics["loss"] = metrics.get("loss", 0) + loss.detach()
-        for k, v in out.items():
-            metrics[k] = metrics.get(k, 0) + v.detach().float() / len(batches)
+        for k, v in out.items():  # reg_loss comes with the last micro-batch only
+            metrics[k] = v.detach().float() if k == "reg_loss" else \
+                metrics.get(k, 0) + v.detach().float() / len(batches)
     return metrics
 
 
@@ -256,3 +258,16 @@ class _EvalProgress:
 
     def done(self):
         LOG.info(f"evaluated {self.items} held-out items in {time.perf_counter() - self.start:.1f}s")
+
+
+def held_out(eval_sets, backbone, cfg, epoch, global_step, run_log):
+    """Evaluate on every rank, log the numbers (console, TensorBoard, log.jsonl); stop on non-finite ones."""
+    stats, visuals = {}, {}
+    for eval_set in eval_sets:
+        stats.update(evaluate(eval_set, backbone, cfg.device, cfg.autocast_dtype, visuals))
+    when = "before training" if epoch == 0 else f"after epoch {epoch}"
+    LOG.info(f"held-out {when}: " + " ".join(f"{k} {v:.4f}" for k, v in stats.items()))
+    run_log.write({"epoch": epoch, **stats}, global_step, prefix="val")
+    run_log.visuals(visuals, global_step)
+    if not all(math.isfinite(v) for v in stats.values()):
+        raise NonFiniteLoss(f"non-finite held-out metrics {when}: {stats}")

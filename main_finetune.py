@@ -247,7 +247,7 @@ def run(args, argv):
     ema = WeightEma(model, args.ema_decay) if args.ema else None
     pos, best = RunPosition(), {"value": None, "epoch": None}
     if start.kind == "train":
-        pos = restore_training_state(ckpt, optimizer, scaler, env.rank, env.world_size, args.seed)
+        pos = restore_training_state(ckpt, optimizer, scaler, env.rank, env.world_size, args.seed, start.path)
         if ema is not None and ckpt.get("model_ema") is not None:
             ema.load_state_dict(ckpt["model_ema"])
         best = {"value": ckpt.get("best_metric"), "epoch": ckpt.get("best_epoch")}

@@ -1,7 +1,6 @@
 """Pretraining entry point: args -> mode -> data -> model -> engine, for every mode in modes/ (text_mlm,
 image_mim, image_text_itc). Launch with `torchrun --nproc_per_node=N main_pretrain_cook.py ...` (or under SLURM)."""
 import argparse
-import math
 import os
 import sys
 import time
@@ -12,7 +11,7 @@ from custom_datasets.hf_tokenizer import HFTokenizer, tokenizer_from_any_state
 from custom_datasets.image_dataset import IMAGE_NORMS, inherit_image_state
 from custom_datasets.pair_dataset import DEFAULT_MAX_IMAGE_PIXELS, is_shard_path, set_max_image_pixels
 from custom_datasets.tokenizer import load_tokenizer
-from engine_pretrain import stop_for_preemption, Trainer, evaluate, run_config, train_one_epoch
+from engine_pretrain import Trainer, held_out, run_config, stop_for_preemption, train_one_epoch
 from models.loading import load_weights, model_for_resume
 from models.registry import (DUAL_ENCODER, check_overrides, create_model, model_config, model_names, model_options,
                              patch_grid, switches_of)
@@ -22,7 +21,7 @@ from modes.base import PretrainModel
 from util.bad_samples import BadSampleLog
 from util.checkpointer import Checkpointer
 from util.config import add_optimizer_args, add_run_args, json_mapping, make_parser, parse_with_config, write_args_json
-from util.errors import NonFiniteLoss, UserError
+from util.errors import UserError
 from util.flag_checks import (Bounded, check_output_dir, check_paths, fraction, no_effect_warnings, non_negative_float,
                               non_negative_int, positive_float, positive_int)
 from util.logger import LOG, RunLog, warn_once
@@ -285,7 +284,9 @@ def run(args, argv):
     mode.before_training(backbone, env)
     optimizer = build_adamw(backbone, args.lr, args.weight_decay, tuple(args.opt_betas))
     autocast_dtype, scaler = autocast_setup(args.precision, env.device)
-    pos = restore_training_state(plan.ckpt, optimizer, scaler, env.rank, env.world_size, args.seed) if plan.kind == "train" else RunPosition()
+    pos = restore_training_state(plan.ckpt, optimizer, scaler, env.rank, env.world_size, args.seed,
+                                 plan.path) if plan.kind == "train" else RunPosition()
+    plan.ckpt = None  # set-up is done: the loaded (memory-mapped) checkpoint is released for the whole run
     ddp = wrap_ddp(model, env)
     cfg = run_config(args, env.device, steps_per_epoch, autocast_dtype)
     if env.is_main:
@@ -305,8 +306,7 @@ def run(args, argv):
                       post_step=mode.post_step(backbone), monitor=mode.monitor(), run_log=RunLog(args.output_dir, args.log_dir, env.is_main),
                       checkpointer=Checkpointer(args.output_dir, build_state, env.device, args.save_per_epochs,
                                                 args.save_every_steps, args.save_every_minutes),
-                      preemption=watch,
-                      bad_samples=BadSampleLog(args.output_dir, env.rank))
+                      preemption=watch, bad_samples=BadSampleLog(args.output_dir, env.rank))
     eval_sets = mode.eval_sets(data, tokenizer, image_state, env.rank, env.world_size)
     if pos.epoch >= args.epochs:
         LOG.info(f"nothing to do: the checkpoint is at epoch {pos.epoch} of {args.epochs}")
@@ -381,19 +381,6 @@ def check_run(args, env, plan, mode, tokenizer):
     LOG.info(f"check passed: {data.num_train} training samples ({steps_per_epoch} steps per epoch on "
              f"{env.world_size} process(es)), {data.num_val} held out; nothing was written")
     return 0
-
-
-def held_out(eval_sets, backbone, cfg, epoch, global_step, run_log):
-    """Evaluate on every rank, log the numbers (console, TensorBoard, log.jsonl); stop on non-finite ones."""
-    stats, visuals = {}, {}
-    for eval_set in eval_sets:
-        stats.update(evaluate(eval_set, backbone, cfg.device, cfg.autocast_dtype, visuals))
-    when = "before training" if epoch == 0 else f"after epoch {epoch}"
-    LOG.info(f"held-out {when}: " + " ".join(f"{k} {v:.4f}" for k, v in stats.items()))
-    run_log.write({"epoch": epoch, **stats}, global_step, prefix="val")
-    run_log.visuals(visuals, global_step)
-    if not all(math.isfinite(v) for v in stats.values()):
-        raise NonFiniteLoss(f"non-finite held-out metrics {when}: {stats}")
 
 
 if __name__ == "__main__":

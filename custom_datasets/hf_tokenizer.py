@@ -7,10 +7,10 @@ data-loader workers unpickle it cheaply.
 """
 import os
 
-import numpy as np
 import torch
 from tokenizers import Tokenizer
 
+from custom_datasets.tokenizer import pad_batch
 from util.errors import UserError
 
 STATE_KIND = "hf"
@@ -65,18 +65,11 @@ class HFTokenizer:
 
     def encode_batch(self, texts):
         """texts: list[str] -> (input_ids LongTensor[B, L], attention_mask LongTensor[B, L]); L is the longest
-        encoding in the batch (<= max_len), 1 marks a real token."""
+        encoding in the batch rounded up to a multiple of 8 (<= max_len), 1 marks a real token."""
         if isinstance(texts, str):
             raise TypeError("encode_batch takes a list of strings, got one string")
         # One text at a time, as in WordPieceTokenizer: the batch call's thread pool fights the data workers.
-        encoded = [self._tok.encode(t).ids for t in texts]
-        width = max((len(e) for e in encoded), default=0)
-        ids = np.full((len(encoded), width), self.pad_id, dtype=np.int64)
-        mask = np.zeros((len(encoded), width), dtype=np.int64)
-        for row, e in enumerate(encoded):
-            ids[row, :len(e)] = e
-            mask[row, :len(e)] = 1
-        return torch.from_numpy(ids), torch.from_numpy(mask)
+        return pad_batch([self._tok.encode(t).ids for t in texts], self.pad_id, self.max_len)
 
     def tokenize(self, text):
         return self._tok.encode(text, add_special_tokens=False).tokens

@@ -30,6 +30,23 @@ _HOW_TO_GET = ("run `python scripts/train_tokenizer.py --captions FILE --out DIR
                "or copy bert-base-uncased's vocab.txt there")
 
 
+PAD_MULTIPLE = 8  # text batches are padded to a multiple of 8 tokens: a few shapes instead of one per caption length
+
+
+def pad_batch(encoded, pad_id, max_len):
+    """Token id lists -> (ids LongTensor[B, L], mask LongTensor[B, L]) padded with `pad_id` to L = the longest
+    rounded up to a multiple of PAD_MULTIPLE, at most max_len (the attention kernels, and a compiler, then see a
+    handful of sequence lengths rather than a new one almost every step; the padding is masked out)."""
+    longest = max((len(e) for e in encoded), default=0)
+    width = min(max(longest, -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE), max(max_len, longest))
+    ids = np.full((len(encoded), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(encoded), width), dtype=np.int64)
+    for row, e in enumerate(encoded):
+        ids[row, :len(e)] = e
+        mask[row, :len(e)] = 1
+    return torch.from_numpy(ids), torch.from_numpy(mask)
+
+
 class WordPieceTokenizer:
     """Tokenizes captions into padded id tensors.
 
@@ -83,21 +100,14 @@ class WordPieceTokenizer:
     def encode_batch(self, texts):
         """texts: list[str] -> (input_ids LongTensor[B, L], attention_mask LongTensor[B, L]).
 
-        L is the longest encoding in the batch (<= max_len); 1 marks a real token.
+        L is the longest encoding in the batch rounded up to a multiple of PAD_MULTIPLE (<= max_len); 1 marks a
+        real token.
         """
         if isinstance(texts, str):
             raise TypeError("encode_batch takes a list of strings, got one string")
         # One text at a time: the rayon thread pool of the batch call fights data-loader workers
         # for cores and warns after fork, and captions are short enough that it does not pay.
-        encoded = [self._tok.encode(t).ids for t in texts]
-        lengths = [len(e) for e in encoded]
-        width = max(lengths, default=0)
-        ids = np.full((len(encoded), width), self.pad_id, dtype=np.int64)
-        mask = np.zeros((len(encoded), width), dtype=np.int64)
-        for row, (e, n) in enumerate(zip(encoded, lengths)):
-            ids[row, :n] = e
-            mask[row, :n] = 1
-        return torch.from_numpy(ids), torch.from_numpy(mask)
+        return pad_batch([self._tok.encode(t).ids for t in texts], self.pad_id, self.max_len)
 
     def decode(self, ids, skip_special_tokens=True):
         """ids: sequence or 1-D tensor of token ids -> text (special tokens and padding dropped)."""

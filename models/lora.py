@@ -71,10 +71,14 @@ def self_regularization_loss(model, layers=None):
 
 def add_self_regularization(model, out, reg_scale):
     """Add the self-regularization term (times reg_scale) to out["loss"] and log it as out["reg_loss"], when the
-    model has a weight for it and adapters to regularise."""
-    if model.reg_loss_weight <= 0:
+    model has a weight for it and adapters to regularise. reg_scale 0 skips it: the training loop adds the term
+    once per optimizer step, on the last micro-batch (the weights, so the term and its gradient, are the same
+    for every micro-batch of a step), so B @ A is built once per step. The adapted layers are found once."""
+    if model.reg_loss_weight <= 0 or reg_scale == 0:
         return out
-    layers = [m for _, m in lora_layers(model)]
+    layers = getattr(model, "_reg_layers", None)
+    if layers is None:  # adapters exist before the first step and never change during a run
+        layers = model._reg_layers = [m for _, m in lora_layers(model)]
     if layers:
         reg = self_regularization_loss(model, layers)
         out["loss"] = out["loss"] + reg * reg_scale

@@ -122,7 +122,8 @@ class PretrainModel(nn.Module):
 
     loss_normalizer: denominator of the mode's summed loss (the global loss-unit count divided by the world
     size, so DDP's gradient averaging yields the gradient of the global mean); default: the batch's own count.
-    reg_scale: multiplies the self-regularization term (1/accum_iter, so accumulation adds it once per step).
+    reg_scale: multiplies the self-regularization term (the loop passes 1 for the last micro-batch of a step and 0,
+    which skips computing it, for the others: the term is added once per optimizer step).
     """
 
     def __init__(self, backbone, mode):

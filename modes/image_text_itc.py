@@ -312,13 +312,13 @@ def accumulate_exactly(trainer, batches, nonfinite):
         _rng_restore(states[i], device)
         sync = last or not hasattr(model, "no_sync")
         with contextlib.nullcontext() if sync else model.no_sync(), autocast_context(device, cfg.autocast_dtype):
-            surrogate = model(b, loss_normalizer=1.0, reg_scale=1.0 / len(batches))
+            surrogate = model(b, loss_normalizer=1.0, reg_scale=1.0 if last else 0.0)  # the term once per step
         loss = surrogate.pop("loss")
         (scaler.scale(loss) if scaler is not None else loss).backward()
     _rng_restore(after, device)
     metrics = {k: v.detach() for k, v in out.items() if k != "loss"}
     metrics["loss"] = metrics["itc_loss"] = out["loss"].detach()
-    if "reg_loss" in surrogate:  # the term is added 1/k per micro-batch: once per step in all
+    if "reg_loss" in surrogate:  # added with the last micro-batch: once per step
         metrics["reg_loss"] = surrogate["reg_loss"]
         metrics["loss"] = metrics["loss"] + surrogate["reg_loss"]
     return metrics

@@ -24,7 +24,6 @@ import math
 import os
 
 import torch
-import torch.nn.functional as F
 
 from custom_datasets.hf_tokenizer import tokenizer_from_any_state
 from custom_datasets.loaders import batches_per_epoch, eval_loader, train_loader
@@ -145,6 +144,7 @@ class TextDistill(PretrainMode):
         self.teacher = teacher.to(device).eval().requires_grad_(False)
         self.teacher_tokenizer = tokenizer_from_any_state(ckpt["tokenizer"])
         self.teacher_scale = float(teacher.logit_scale.exp())
+        self.teacher_ckpt = {k: v for k, v in ckpt.items() if k != "model"}  # its weights now live in the teacher
         LOG.info(f"teacher: {self.args.distill_teacher} ({ckpt['model_config']['name']}, tokenizer of "
                  f"{self.teacher_tokenizer.vocab_size} tokens), loss {self.args.distill_loss}")
 

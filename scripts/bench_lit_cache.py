@@ -49,7 +49,11 @@ def main(argv=None):
     teacher = os.path.join(root, "teacher")
     main_pretrain_cook.main(["--mode", "image_text_itc", "--epochs", str(a.teacher_epochs), "--output_dir", teacher,
                              *common])
-    lit = ["--mode", "image_text_itc", "--lock_image", "--resume", os.path.join(teacher, "checkpoint-latest.pth"),
+    import torch
+    ckpt = torch.load(os.path.join(teacher, "checkpoint-latest.pth"), weights_only=True)
+    weights = os.path.join(root, "teacher_weights.pth")  # a new stage starts from the weights alone
+    torch.save({k: ckpt[k] for k in ("model", "model_config", "tokenizer", "image_preprocess")}, weights)
+    lit = ["--mode", "image_text_itc", "--lock_image", "--resume", weights,
            "--epochs", str(a.lit_epochs), *common]
     results = {}
     for name, extra in (("online", []), ("cached", ["--lit_cache", os.path.join(root, "cache")])):

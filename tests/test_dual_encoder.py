@@ -208,7 +208,7 @@ def test_hf_text_tower_and_tokenizer(tiny_tokenizer, tmp_path):
     tok = HFTokenizer(folder, max_len=32)
     ids, masks = tok.encode_batch(CAPTIONS)
     reference = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)(
-        CAPTIONS, padding=True, truncation=True, max_length=32, return_tensors="pt")
+        CAPTIONS, padding=True, truncation=True, max_length=32, pad_to_multiple_of=8, return_tensors="pt")
     assert torch.equal(ids, reference["input_ids"]) and torch.equal(masks, reference["attention_mask"])
     ours = tiny_tokenizer.encode_batch(CAPTIONS)  # same vocabulary: the same BERT WordPiece ids
     assert torch.equal(ids, ours[0]) and torch.equal(masks, ours[1])

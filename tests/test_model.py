@@ -4,6 +4,8 @@ import math
 import pytest
 import torch
 
+from custom_datasets.masking_generator import masked_positions
+
 from models.lora import LoRALinear
 from models.registry import create_model
 from models.relative_position import build_relative_position_index, num_relative_buckets
@@ -27,13 +29,17 @@ def batch(mode, b=3, length=7, img=32):
         labels = torch.full((b, length), -100)
         labels[:, 1] = ids[:, 1]
         labels[0, 3] = ids[0, 3]
-        return {"text_ids": ids, "text_masks": masks, "text_labels": labels}
+        positions, count = masked_positions(labels != -100)  # what MLMCollator adds
+        return {"text_ids": ids, "text_masks": masks, "text_labels": labels, "mlm_positions": positions,
+                "mlm_count": count}
     images = torch.randn(b, 3, img, img, generator=g)
     if mode == "image_mim":
         n = (img // 16) ** 2
         mask = torch.zeros(b, n, dtype=torch.bool)
         mask[:, :2] = True
-        return {"images": images, "bool_masked_pos": mask, "mim_labels": torch.randint(0, 8192, (b, n), generator=g)}
+        positions, count = masked_positions(mask)  # what collate_image_batch adds
+        return {"images": images, "bool_masked_pos": mask, "mim_labels": torch.randint(0, 8192, (b, n), generator=g),
+                "mim_positions": positions, "mim_count": count}
     return {"images": images, "text_ids": ids, "text_masks": masks}
 
 
@@ -70,21 +76,27 @@ def test_published_sizes_on_meta(name, dim, depth, heads, vl_start):
         assert abs(backbone - expected) / expected < 0.02
 
 
-@pytest.mark.parametrize("layout", ["multiway", "shared"])
-def test_sdpa_equals_plain_attention(layout):
-    m = tiny(ffn_layout=layout).eval()
-    for blk in m.blocks:  # non-zero relative position bias and q/v biases so the test can fail
-        torch.nn.init.normal_(blk.attn.relative_position_bias_table, std=0.5)
-        torch.nn.init.normal_(blk.attn.q_bias, std=0.5)
-        torch.nn.init.normal_(blk.attn.v_bias, std=0.5)
+@pytest.mark.parametrize("layout,text_pos", [("multiway", "absolute"), ("shared", "absolute"),
+                                             ("multiway", "relative")])
+def test_sdpa_equals_plain_attention(layout, text_pos):
+    """The SDPA path (float relative bias with padding folded in as -inf, or a boolean padding mask) equals the
+    plain softmax(QK^T + bias)V oracle for image, text and fused sequences."""
+    m = tiny(ffn_layout=layout, text_pos=text_pos, token_type_embed=text_pos == "relative").eval()
+    for blk in m.blocks:  # non-zero relative position biases and q/v biases so the test can fail
+        for name in ("relative_position_bias_table", "text_relative_position_bias_table", "q_bias", "v_bias"):
+            if hasattr(blk.attn, name):
+                torch.nn.init.normal_(getattr(blk.attn, name), std=0.5)
     img = torch.randn(2, 3, 32, 32)
     ids, masks = torch.randint(5, VOCAB, (2, 8)), torch.ones(2, 8, dtype=torch.long)
     masks[0, 5:] = 0
-    sdpa = (m.forward_image_features(img), m.forward_text_features(ids, masks))
+
+    def outputs():
+        return (m.forward_image_features(img), m.forward_text_features(ids, masks),
+                m.forward_fused_features(ids, masks, img))
+    sdpa = outputs()
     m.math_attention = True
-    ref = (m.forward_image_features(img), m.forward_text_features(ids, masks))
-    torch.testing.assert_close(sdpa[0], ref[0], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(sdpa[1], ref[1], atol=1e-5, rtol=1e-5)
+    for got, ref in zip(sdpa, outputs()):
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
 
 def test_padding_does_not_change_real_tokens():

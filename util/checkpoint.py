@@ -165,7 +165,7 @@ def load_file(path, flag="--resume", verify=True):
     if not os.path.isfile(path):
         raise UserError(f"{flag}: file not found: {path}")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = _load_mapped(path)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means the file is not ours
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CorruptCheckpoint(f"{flag}: cannot read {path} as a PyTorch checkpoint ({first})") from None
@@ -175,6 +175,17 @@ def load_file(path, flag="--resume", verify=True):
         except CorruptCheckpoint as e:
             raise CorruptCheckpoint(f"{flag}: {e}") from None
     return obj
+
+
+def _load_mapped(path):
+    """torch.load memory-mapped (tensors are read from the page cache as they are used, and ranks on one node
+    share those pages); a file in the legacy (non-zip) format cannot be mapped and is read whole."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as e:
+        if "mmap" not in str(e) and "zip" not in str(e):
+            raise
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def latest_in(output_dir):

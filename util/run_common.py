@@ -185,13 +185,19 @@ def training_state(*, model_state, model_config, optimizer, scaler, position, mo
             "provided_keys": list(provided), **data_state, **(extra or {})}
 
 
-def restore_training_state(ckpt, optimizer, scaler, rank, world_size, seed):
+def restore_training_state(ckpt, optimizer, scaler, rank, world_size, seed, path="the checkpoint"):
     """Optimizer, scaler and this rank's RNG state from a training checkpoint; returns its RunPosition. Saved by
     another number of ranks, the RNG states cannot be matched to ranks: each rank starts its own stream from
     (seed, global step, rank) instead of reusing another rank's."""
     from util.checkpoint import set_rng_state
 
-    optimizer.load_state_dict(ckpt["optimizer"])
+    try:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except ValueError as e:  # the checkpoint trained another set of parameters
+        raise UserError(f"--resume {path}: its optimizer state does not fit this run's trainable parameters ({e}): it continues "
+                        "only with the flags it was trained with (--lock_image, --lora_rank, --mode, ...); to start "
+                        "a new stage from its weights, save them alone (torch.save({'model': ckpt['model'], "
+                        "'model_config': ckpt['model_config']}, path)) and pass that file") from None
     if scaler is not None and ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
     rngs = ckpt.get("rng") or []
@@ -254,4 +260,7 @@ def wrap_ddp(model, env):
         return model
     from torch.nn.parallel import DistributedDataParallel
 
-    return DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+    # broadcast_buffers=False: the model's buffers are index tables rebuilt identically on every rank (relative
+    # positions, position ids), never trained; re-broadcasting them before every forward is wasted traffic
+    return DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None,
+                                   broadcast_buffers=False)
