@@ -14,6 +14,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from custom_datasets.masking_generator import masked_positions  # noqa: E402
 from models.registry import create_model  # noqa: E402
 from models.trainable import configure_trainable  # noqa: E402
 from modes.base import pretrain_model  # noqa: E402
@@ -27,7 +28,9 @@ def text_batch(b, length, vocab, device, g):
     sel[:, 1] = True
     labels[sel] = ids[sel]
     ids[sel] = 4
-    return {"text_ids": ids.to(device), "text_masks": torch.ones_like(ids).to(device), "text_labels": labels.to(device)}
+    positions, count = masked_positions(sel)  # what MLMCollator adds
+    return {"text_ids": ids.to(device), "text_masks": torch.ones_like(ids).to(device), "text_labels": labels.to(device),
+            "mlm_positions": positions.to(device), "mlm_count": count.to(device)}
 
 
 def make_batch(mode, model, b, length, device, g):
@@ -39,7 +42,9 @@ def make_batch(mode, model, b, length, device, g):
     if mode == "image_mim":
         mask = torch.zeros(b, n, dtype=torch.bool)
         mask[:, : int(n * 0.4)] = True
-        return {"images": images, "bool_masked_pos": mask.to(device),
+        positions, count = masked_positions(mask)  # what collate_image_batch adds
+        return {"images": images, "bool_masked_pos": mask.to(device), "mim_positions": positions.to(device),
+                "mim_count": count.to(device),
                 "mim_labels": torch.randint(0, model.config["mim_vocab_size"], (b, n), generator=g).to(device)}
     batch = text_batch(b, length, model.config["vocab_size"], device, g)
     return {"images": images, "text_ids": batch["text_ids"], "text_masks": batch["text_masks"]}
