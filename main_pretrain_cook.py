@@ -13,6 +13,7 @@ from custom_datasets.pair_dataset import DEFAULT_MAX_IMAGE_PIXELS, is_shard_path
 from custom_datasets.tokenizer import load_tokenizer
 from engine_pretrain import Trainer, held_out, run_config, stop_for_preemption, train_one_epoch
 from models.loading import load_weights, model_for_resume
+from models.parking import park_off_path
 from models.registry import (DUAL_ENCODER, check_overrides, create_model, model_config, model_names, model_options,
                              patch_grid, switches_of)
 from models.trainable import configure_trainable
@@ -280,6 +281,9 @@ def run(args, argv):
     if plan.kind != "train":
         mode.init_fresh(backbone, set(provided), args.effective_batch_size)
     log_trainable(backbone, groups)
+    parked = park_off_path(backbone, args.mode)  # frozen, off this mode's path: stays on the CPU, outside DDP
+    LOG.info(f"kept off {env.device}: {parked.num_parameters() / 1e6:.2f}M frozen parameters off the {args.mode} "
+             f"path ({parked.nbytes() / 2 ** 20:.0f} MiB; {len(parked.names)} modules)")
     model = PretrainModel(backbone, mode).to(env.device)
     mode.before_training(backbone, env)
     optimizer = build_adamw(backbone, args.lr, args.weight_decay, tuple(args.opt_betas))
@@ -296,7 +300,9 @@ def run(args, argv):
     data_state = {"tokenizer": tokenizer.to_state(), "image_preprocess": image_state}
 
     def build_state(epoch, step_in_epoch, step):
-        return training_state(model_state=backbone.state_dict(), model_config=backbone.config, optimizer=optimizer,
+        with parked.attached():  # the whole model in every checkpoint
+            model_state = backbone.state_dict()
+        return training_state(model_state=model_state, model_config=backbone.config, optimizer=optimizer,
                               scaler=scaler, position=RunPosition(epoch=epoch, step_in_epoch=step_in_epoch,
                                                                   global_step=step),
                               mode=args.mode, args=args, accum_iter=args.accum_iter, provided=provided,

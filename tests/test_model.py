@@ -190,3 +190,24 @@ def test_lock_image_keeps_image_path_fixed():
     fresh = tiny()
     img = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(m.encode_image(img), fresh.encode_image(img))
+
+
+def test_off_path_weights_are_parked_and_saved_whole():
+    """image_mim: the text experts, text embeddings, VL experts and other heads leave the model (DDP and the
+    device never see them) and come back, unchanged, for the checkpoint's state dict."""
+    from models.parking import park_off_path
+
+    m = tiny()
+    configure_trainable(m, "image_mim")
+    full = {k: v.clone() for k, v in m.state_dict().items()}
+    parked = park_off_path(m, "image_mim")
+    assert {"text_embeddings", "mlm_head", "itc_text_proj", "blocks.0.mlp_text", "blocks.1.mlp_vl"} <= \
+        set(parked.names)
+    assert not any(n.startswith(("text_embeddings", "mlm_head")) or "mlp_text" in n for n, _ in m.named_parameters())
+    assert "blocks.0.mlp_imag.fc1.weight" in dict(m.named_parameters()) and parked.num_parameters() > 0
+    step = pretrain_model(m, "image_mim")
+    step(batch("image_mim"))["loss"].backward()  # the mode's step runs without them
+    with parked.attached():
+        inside = m.state_dict()
+    assert set(inside) == set(full) and all(torch.equal(inside[k], full[k]) for k in full if "mim_head" not in k)
+    assert set(m.state_dict()) < set(full)
