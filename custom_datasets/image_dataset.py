@@ -31,8 +31,8 @@ import torch
 from PIL import Image, ImageEnhance
 from torch.utils.data import Dataset
 
-from custom_datasets.pair_dataset import (BadSample, decode_image, load_with_replacement, parse_key,
-                                          read_file_bytes)
+from custom_datasets.pair_dataset import (BadSample, decode_image, draft_region, load_with_replacement, open_image,
+                                          parse_key, read_file_bytes)
 from custom_datasets.masking_generator import masked_positions
 from custom_datasets.text_dataset import PackedStrings
 from util.errors import UserError
@@ -172,10 +172,12 @@ class BeitTwoViewTransform:
             img = enhancers[i](img).enhance(float(factors[i]))
         return img
 
+    decodes_itself = True  # takes open_image's undecoded images: the crop decides the JPEG draft scale
+
     def __call__(self, img: Image.Image, rng: np.random.Generator) -> dict:
         top, left, h, w = sample_resized_crop(rng, img.width, img.height, self.scale, self.ratio)
         flip = rng.random() < self.hflip
-        region = self._jitter(img.crop((left, top, left + w, top + h)), rng)
+        region = self._jitter(draft_region(img, (left, top, left + w, top + h), self.img_size), rng)
         if flip:
             region = region.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         size, second = (self.img_size,) * 2, (self.second_size,) * 2
@@ -199,9 +201,11 @@ class ResizedCropView:
         self.normalize = _Normalize(mean, std)
         self.interpolation = INTERPOLATIONS[interpolation]
 
+    decodes_itself = True  # takes open_image's undecoded images: the crop decides the JPEG draft scale
+
     def __call__(self, img: Image.Image, rng: np.random.Generator) -> torch.Tensor:
         top, left, h, w = sample_resized_crop(rng, img.width, img.height, self.scale, self.ratio)
-        region = img.crop((left, top, left + w, top + h))
+        region = draft_region(img, (left, top, left + w, top + h), self.img_size)
         if self.hflip > 0 and rng.random() < self.hflip:
             region = region.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return self.normalize(_to_tensor(region.resize((self.img_size,) * 2, self.interpolation)))
@@ -295,9 +299,11 @@ class ImageFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def load(self, i: int) -> Image.Image:
-        """Decoded RGB image of entry i, or BadSample naming why not."""
-        return decode_image(read_file_bytes(os.path.join(self.root, self.paths.get(i))))
+    def load(self, i: int, lazy: bool = False) -> Image.Image:
+        """Decoded RGB image of entry i, or BadSample naming why not; `lazy`: from open_image (decoded by the
+        transform, see draft_region)."""
+        data = read_file_bytes(os.path.join(self.root, self.paths.get(i)))
+        return open_image(data) if lazy else decode_image(data)
 
     def check(self, i: int):
         """None if entry i decodes, else (relative path, reason); for offline validation."""
@@ -311,11 +317,15 @@ class ImageFolderDataset(Dataset):
         epoch, index = parse_key(key)
         if not 0 <= index < len(self):
             raise IndexError(index)
-        img, source, bad = load_with_replacement(self.load, self.paths.get, len(self), self.seed, epoch, index,
+        lazy = getattr(self.transform, "decodes_itself", False)
+
+        def view(source):  # decoding may fail inside the transform (lazy): that sample is replaced too
+            img = self.load(source, lazy)
+            rng = np.random.default_rng([self.seed, epoch, index])
+            return self.transform(img, rng) if self.transform is not None else img
+        out, source, bad = load_with_replacement(view, self.paths.get, len(self), self.seed, epoch, index,
                                                  f"--data_path {self.root}")
         self.bad.extend(bad)
-        rng = np.random.default_rng([self.seed, epoch, index])
-        out = self.transform(img, rng) if self.transform is not None else img
         sample = dict(out) if isinstance(out, dict) else {"images": out}
         sample["bad"] = bad
         return sample, int(self.targets[source])

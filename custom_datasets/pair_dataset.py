@@ -62,6 +62,12 @@ def decode_image(data: bytes, max_pixels: int = None) -> Image.Image:
     decoded at reduced size when it is a
     JPEG (the decoder's own 1/2, 1/4 or 1/8 scaling: the first that fits; a 8000x8000 photo costs a quarter of
     the time and memory), and is a BadSample otherwise (or when even 1/8 does not fit)."""
+    return finish_image(open_image(data, max_pixels))
+
+
+def open_image(data: bytes, max_pixels: int = None) -> Image.Image:
+    """decode_image's first half: the header read and checked, pixels not decoded yet (PIL is lazy), so a
+    transform that knows its crop can still ask the JPEG decoder for a reduced size (draft_region)."""
     if len(data) == 0:
         raise BadSample("zero-byte file")
     # Decoders of untrusted bytes raise many types (OSError, SyntaxError, struct.error, ...);
@@ -75,11 +81,36 @@ def decode_image(data: bytes, max_pixels: int = None) -> Image.Image:
     except Exception as e:
         raise BadSample(f"corrupt image header: {e}") from None
     _fit_pixels(img, max_pixels or _LIMITS["max_pixels"])
+    return img
+
+
+def finish_image(img: Image.Image) -> Image.Image:
+    """decode_image's second half: the pixels decoded, as RGB, or BadSample (a truncated file fails only here)."""
     try:
-        img.load()  # PIL decodes lazily; a truncated file fails only here
+        img.load()
         return to_rgb(img)
     except Exception as e:
         raise BadSample(f"truncated or corrupt image: {e}") from None
+
+
+def draft_region(img: Image.Image, box, out_size: int) -> Image.Image:
+    """The RGB pixels of `box` (left, top, right, bottom in the header's pixel grid) of an image from
+    open_image, for an output of `out_size` pixels a side. A JPEG not decoded yet is decoded at the largest
+    reduction (1/2, 1/4, 1/8: the decoder's own DCT scaling) that leaves the box at least out_size on both
+    sides, and the box is scaled to the reduced grid: the crop was drawn on the full size, so the views keep
+    their distribution while a 1500 px photo cropped to 224 decodes up to 64x fewer pixels. Anything else
+    (not a JPEG, decoded already, a crop under twice the output) decodes in full."""
+    left, top, right, bottom = box
+    w, h = img.size
+    fits = [d for d in (8, 4, 2) if (right - left) / d >= out_size and (bottom - top) / d >= out_size]
+    if fits and img.format == "JPEG" and getattr(img, "tile", None) and not getattr(img, "decoderconfig", None):
+        img.draft(img.mode, (-(-w // fits[0]), -(-h // fits[0])))
+    rgb = finish_image(img)
+    sx, sy = rgb.width / w, rgb.height / h
+    if (sx, sy) != (1.0, 1.0):
+        box = (left * sx, top * sy, max(left * sx + 1, right * sx), max(top * sy + 1, bottom * sy))
+        box = tuple(int(round(v)) for v in box)
+    return rgb.crop(box)
 
 
 def _fit_pixels(img, max_pixels):
@@ -164,10 +195,11 @@ class PairDatasetBase(Dataset):
     def ident(self, i: int) -> str:
         raise NotImplementedError
 
-    def load(self, i: int):
-        """(RGB PIL image, text) of entry i, or BadSample (an empty caption is one too)."""
+    def load(self, i: int, lazy: bool = False):
+        """(RGB PIL image, text) of entry i, or BadSample (an empty caption is one too); `lazy`: the image from
+        open_image, for a transform that decodes it itself (`decodes_itself`, e.g. with draft_region)."""
         data, text, _ = self.raw(i)
-        return decode_image(data), check_caption(text)
+        return (open_image(data) if lazy else decode_image(data)), check_caption(text)
 
     def check(self, i: int):
         """None if entry i loads, else (path_or_id, reason). Used by the offline validator."""
@@ -181,10 +213,14 @@ class PairDatasetBase(Dataset):
         epoch, index = parse_key(key)
         if not 0 <= index < len(self):
             raise IndexError(index)
-        (image, text), _, bad = load_with_replacement(self.load, self.ident, len(self), self.seed, epoch, index,
-                                                      "pair dataset (check it with util/validate_pairs.py)")
-        rng = np.random.default_rng([self.seed, epoch, index])
-        out = self.transform(image, rng) if self.transform is not None else image
+        lazy = getattr(self.transform, "decodes_itself", False)
+
+        def view(source):  # decoding may fail inside the transform (lazy): that sample is replaced too
+            image, text = self.load(source, lazy)
+            rng = np.random.default_rng([self.seed, epoch, index])
+            return (self.transform(image, rng) if self.transform is not None else image), text
+        (out, text), _, bad = load_with_replacement(view, self.ident, len(self), self.seed, epoch, index,
+                                                    "pair dataset (check it with util/validate_pairs.py)")
         return {"image": out, "raw_text": text, "epoch": epoch, "index": index, "bad": bad}
 
 

@@ -159,3 +159,45 @@ def test_eval_transform_in_dataset(folder):
     sample, target = ds[2]
     assert set(sample) == {"images", "bad"} and sample["images"].shape == (3, 32, 32)
     assert torch.equal(sample["images"], ds[(5, 2)][0]["images"])  # no randomness at evaluation
+
+
+def test_jpeg_draft_crop_decodes_reduced_and_keeps_the_view(tmp_path):
+    """A crop at least twice the output decodes the JPEG at 1/2..1/8 scale (the box scaled), and the view is
+    the full decode's up to resampling differences; a smaller crop, or a non-JPEG, decodes in full."""
+    from custom_datasets.pair_dataset import decode_image, draft_region, open_image
+
+    yy, xx = np.mgrid[0:1500, 0:1200]
+    pixels = np.stack([xx % 256, yy % 256, (xx // 6 + yy // 6) % 256], -1).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "JPEG", quality=95)
+    data = buf.getvalue()
+    box = (100, 200, 1100, 1300)  # 1000 x 1100: 1/4 still leaves 250 >= 224
+    lazy = open_image(data)
+    region = draft_region(lazy, box, 224)
+    assert lazy.size == (300, 375)  # decoded at 1/4
+    full = decode_image(data).crop(box)
+    a = np.asarray(region.resize((224, 224), Image.BICUBIC), dtype=np.float32)
+    b = np.asarray(full.resize((224, 224), Image.BICUBIC), dtype=np.float32)
+    assert np.abs(a - b).mean() < 6.0  # of 255: the same view, resampled differently
+    small = open_image(data)
+    draft_region(small, (0, 0, 300, 300), 224)  # under twice the output: full decode
+    assert small.size == (1200, 1500)
+    png = io.BytesIO()
+    Image.fromarray(pixels).save(png, "PNG")
+    assert draft_region(open_image(png.getvalue()), box, 224).size == (1000, 1100)
+
+
+def test_truncated_jpeg_found_by_the_transform_is_replaced(tmp_path):
+    """With a transform that decodes (draft_region), a file whose header reads but whose pixels do not is
+    still a bad sample: replaced and listed, not a crash."""
+    for cls in ("a", "b"):
+        (tmp_path / cls).mkdir()
+        for i in range(2):
+            buf = io.BytesIO()
+            Image.fromarray(np.random.default_rng(i).integers(0, 255, (600, 600, 3), dtype=np.uint8)).save(buf, "JPEG")
+            data = buf.getvalue()
+            (tmp_path / cls / f"{i}.jpg").write_bytes(data[: len(data) // 3] if (cls, i) == ("a", 0) else data)
+    ds = ImageFolderDataset(str(tmp_path), build_two_view_transform(image_preprocess_state(64), scale=(0.9, 1.0)))
+    sample, _ = ds[(0, 0)]
+    assert sample["images"].shape == (3, 64, 64)
+    assert {p for p, _ in sample["bad"]} == {"a/0.jpg"} and "truncated" in sample["bad"][0][1]
