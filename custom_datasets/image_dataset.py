@@ -145,8 +145,8 @@ class BeitTwoViewTransform:
 
     Both views come from ONE random resized crop, one horizontal flip and one colour jitter
     (brightness, contrast, saturation each by a factor in [1 - j, 1 + j], in random order, no hue).
-    The jitter is applied to the cropped region before resizing (cheaper than on the whole image; the
-    contrast reference is the crop's mean grey instead of the full image's).
+    The jitter (the same factors and order) is applied to each resized view (cheaper than on the whole image
+    or the crop; the contrast reference is each view's mean grey, i.e. the crop's, not the full image's).
     """
 
     def __init__(self, img_size: int = 224, second_size: int | None = None,
@@ -162,29 +162,29 @@ class BeitTwoViewTransform:
         self.interpolation = INTERPOLATIONS[interpolation]
         self.second_interpolation = INTERPOLATIONS[second_interpolation]
 
-    def _jitter(self, img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    def _jitter(self, views, rng: np.random.Generator):
+        """The same colour jitter (factors and order drawn once) on each of `views`."""
         if self.color_jitter <= 0:
-            return img
+            return views
         lo, hi = max(0.0, 1 - self.color_jitter), 1 + self.color_jitter
         factors = rng.uniform(lo, hi, size=3)
         enhancers = (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)
         for i in rng.permutation(3):
-            img = enhancers[i](img).enhance(float(factors[i]))
-        return img
+            views = [enhancers[i](v).enhance(float(factors[i])) for v in views]
+        return views
 
     decodes_itself = True  # takes open_image's undecoded images: the crop decides the JPEG draft scale
 
     def __call__(self, img: Image.Image, rng: np.random.Generator) -> dict:
         top, left, h, w = sample_resized_crop(rng, img.width, img.height, self.scale, self.ratio)
         flip = rng.random() < self.hflip
-        region = self._jitter(draft_region(img, (left, top, left + w, top + h), self.img_size), rng)
+        region = draft_region(img, (left, top, left + w, top + h), self.img_size)
         if flip:
             region = region.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         size, second = (self.img_size,) * 2, (self.second_size,) * 2
-        out = {
-            "images": self.normalize(_to_tensor(region.resize(size, self.interpolation))),
-            "images_for_vae": _to_tensor(region.resize(second, self.second_interpolation)),
-        }
+        view, small = self._jitter([region.resize(size, self.interpolation),
+                                    region.resize(second, self.second_interpolation)], rng)
+        out = {"images": self.normalize(_to_tensor(view)), "images_for_vae": _to_tensor(small)}
         if self.masking is not None:
             out["bool_masked_pos"] = torch.from_numpy(self.masking(rng).reshape(-1))
         return out
