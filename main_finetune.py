@@ -14,7 +14,7 @@ import torch
 from custom_datasets.finetune_data import resolve_image_preprocess, resolve_tokenizer
 from engine_pretrain import stop_for_preemption, Trainer, evaluate, run_config, train_one_epoch
 from models.loading import check_architecture
-from models.checkpointing import set_grad_checkpointing
+from models.checkpointing import COMPILE_BACKENDS, apply_block_options
 from models.registry import backbone_names, create_model, model_config, recorded_config
 from models.vlmo import ITC_LOSSES
 from tasks import all_tasks, get_task, task_names
@@ -61,6 +61,9 @@ def get_args_parser():
     g.add_argument("--drop_path", type=fraction(open_high=True), default=0.1, help="stochastic depth rate")
     g.add_argument("--grad_checkpointing", type=Bounded(int, 0), nargs="?", const=1, default=0, metavar="K",
                    help="activation checkpointing of every K-th block (the flag alone: every block)")
+    g.add_argument("--compile", nargs="?", const="inductor", default=None, choices=COMPILE_BACKENDS,
+                   help="torch.compile each transformer block (the flag alone: inductor; aot_eager to check a model "
+                        "compiles without code generation), after activation checkpointing")
     g.add_argument("--global_pool", default="avg", choices=GLOBAL_POOLS,
                    help="classification/regression heads: mean of the tokens, or the CLS token")
     g.add_argument("--lora_rank", type=non_negative_int(), default=0, help="> 0: LoRA on the weights --finetune provided")
@@ -234,7 +237,7 @@ def run(args, argv):
     data = task.build_data(tokenizer, preprocess, env.rank, env.world_size, train=not args.eval)
     torch.manual_seed(args.seed)  # the same initial head on every rank
     model, provided, groups = build_model(args, task, name, overrides, start)
-    set_grad_checkpointing(model.backbone, args.grad_checkpointing)
+    apply_block_options(model.backbone, args.grad_checkpointing, args.compile, LOG.info)
     if not args.eval:
         log_trainable(model, groups)
     model.to(env.device)

@@ -12,7 +12,7 @@ from custom_datasets.image_dataset import IMAGE_NORMS, inherit_image_state
 from custom_datasets.pair_dataset import DEFAULT_MAX_IMAGE_PIXELS, is_shard_path, set_max_image_pixels
 from custom_datasets.tokenizer import load_tokenizer
 from engine_pretrain import Trainer, held_out, run_config, stop_for_preemption, train_one_epoch
-from models.checkpointing import set_grad_checkpointing
+from models.checkpointing import COMPILE_BACKENDS, apply_block_options
 from models.loading import load_weights, model_for_resume
 from models.parking import park_off_path
 from models.registry import (DUAL_ENCODER, check_overrides, create_model, model_config, model_names, model_options,
@@ -60,6 +60,9 @@ def get_args_parser():
     g.add_argument("--grad_checkpointing", type=Bounded(int, 0), nargs="?", const=1, default=0, metavar="K",
                    help="activation checkpointing of every K-th block (the flag alone: every block): less "
                         "activation memory for about one more forward")
+    g.add_argument("--compile", nargs="?", const="inductor", default=None, choices=COMPILE_BACKENDS,
+                   help="torch.compile each transformer block (the flag alone: inductor; aot_eager to check a model "
+                        "compiles without code generation), after activation checkpointing")
     g.add_argument("--image_tower", default="vit_base_patch16_224",
                    help=f"--model {DUAL_ENCODER}: timm model name of the image tower")
     g.add_argument("--image_tower_weights", default=None,
@@ -285,10 +288,9 @@ def run(args, argv):
     if plan.kind != "train":
         mode.init_fresh(backbone, set(provided), args.effective_batch_size)
     log_trainable(backbone, groups)
-    set_grad_checkpointing(backbone, args.grad_checkpointing)
-    parked = park_off_path(backbone, args.mode)  # frozen, off this mode's path: stays on the CPU, outside DDP
-    LOG.info(f"kept off {env.device}: {parked.num_parameters() / 1e6:.2f}M frozen parameters off the {args.mode} "
-             f"path ({parked.nbytes() / 2 ** 20:.0f} MiB; {len(parked.names)} modules)")
+    apply_block_options(backbone, args.grad_checkpointing, args.compile, LOG.info)
+    parked = park_off_path(backbone, args.mode, mode.eval_towers())  # frozen, off this mode's path: stays on the CPU, outside DDP
+    LOG.info(parked.describe(env.device, args.mode))
     model = PretrainModel(backbone, mode).to(env.device)
     mode.before_training(backbone, env)
     optimizer = build_adamw(backbone, args.lr, args.weight_decay, tuple(args.opt_betas))

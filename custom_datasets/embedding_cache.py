@@ -1,12 +1,13 @@
 """LiT without image I/O: a folder of a locked image tower's embeddings of every training pair, computed once.
 
 Layout of the folder (`--lit_cache DIR`):
-  meta.json                 {"fingerprint", "num_items", "dim", "chunk", "source"}: written first; a run whose
-                            fingerprint (image-tower weights, preprocessing, data file) differs is refused
+  meta.json                 {"fingerprint", "num_items", "chunk", "source"}: written first; a run whose
+                            fingerprint (image-tower weights and pooling, view, precision, data file) differs
+                            is refused; its chunk size is the folder's, whatever --lit_cache_chunk says
   emb-<start>.npy           float32 [n, dim]: the embeddings of items start .. start+n-1 (the chunk's index)
   bad-<start>.json          {item: reason} of the chunk's unreadable images (written before emb-<start>.npy)
 Each chunk file is written to a temporary name and renamed, so a chunk exists whole or not at all: a killed
-build resumes at the first missing chunk. Ranks build the chunks c with c % world == rank.
+build resumes with the missing chunks, dealt round-robin over the ranks of the new run.
 
 `CachedPairs` serves training items from the cache and the pair file's captions, with no image decoding: an
 item whose image was unreadable raises BadSample, so the replacement sequence (keyed by seed, epoch and index)
@@ -61,6 +62,7 @@ class EmbeddingCache:
         meta.json). Returns True if it already held every chunk."""
         meta = self.read_meta()
         if meta is not None:
+            self.chunk = int(meta.get("chunk", self.chunk))  # the files' layout, not this run's flag
             if meta.get("fingerprint") != fingerprint or meta.get("num_items") != self.num_items:
                 raise UserError(f"--lit_cache {self.folder}: built for other image-tower weights, preprocessing or "
                                 f"data ({meta.get('source')}, {meta.get('num_items')} items, fingerprint "
@@ -75,8 +77,8 @@ class EmbeddingCache:
         return False
 
     def missing(self, rank=0, world_size=1):
-        """Chunk starts this rank builds that do not exist yet."""
-        return [s for i, s in enumerate(self.starts()) if i % world_size == rank and not os.path.isfile(self._emb(s))]
+        """This rank's share (round-robin) of the chunk starts that do not exist yet."""
+        return [s for s in self.starts() if not os.path.isfile(self._emb(s))][rank::world_size]
 
     def write_chunk(self, start, embeddings, bad):
         """embeddings float32 [n, dim]; bad {item: reason}."""
@@ -195,4 +197,4 @@ class _Decoded(Dataset):
             image, _ = self.source.load(i)
         except BadSample as e:
             return e.args[0]
-        return self.source.transform(image, None)
+        return self.source.transform(image, np.random.default_rng([self.source.seed, 0, i]))

@@ -31,8 +31,8 @@ import torch
 from PIL import Image, ImageEnhance
 from torch.utils.data import Dataset
 
-from custom_datasets.pair_dataset import (BadSample, decode_image, draft_region, load_with_replacement, open_image,
-                                          parse_key, read_file_bytes)
+from custom_datasets.pair_dataset import (BadSample, decode_image, draft_region, load_view, open_image, parse_key,
+                                          read_file_bytes)
 from custom_datasets.masking_generator import masked_positions
 from custom_datasets.text_dataset import PackedStrings
 from util.errors import UserError
@@ -178,7 +178,7 @@ class BeitTwoViewTransform:
     def __call__(self, img: Image.Image, rng: np.random.Generator) -> dict:
         top, left, h, w = sample_resized_crop(rng, img.width, img.height, self.scale, self.ratio)
         flip = rng.random() < self.hflip
-        region = draft_region(img, (left, top, left + w, top + h), self.img_size)
+        region = draft_region(img, (left, top, left + w, top + h), max(self.img_size, self.second_size))
         if flip:
             region = region.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         size, second = (self.img_size,) * 2, (self.second_size,) * 2
@@ -193,7 +193,7 @@ class BeitTwoViewTransform:
 class ResizedCropView:
     """One random resized crop (the RandomResizedCrop rule, ``scale`` of the area), flipped horizontally with
     probability ``hflip``, resized to img_size and normalised: ``__call__(pil_rgb, rng) -> FloatTensor[3, S, S]``.
-    The contrastive (image_text_itc) training view; ``scale=(1, 1)`` is the whole image."""
+    The contrastive (image_text_itc) training view; ``scale=(1, 1)`` is the whole image, with no random draw."""
 
     def __init__(self, img_size: int, mean, std, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3), hflip: float = 0.0,
                  interpolation: str = "bicubic"):
@@ -204,7 +204,10 @@ class ResizedCropView:
     decodes_itself = True  # takes open_image's undecoded images: the crop decides the JPEG draft scale
 
     def __call__(self, img: Image.Image, rng: np.random.Generator) -> torch.Tensor:
-        top, left, h, w = sample_resized_crop(rng, img.width, img.height, self.scale, self.ratio)
+        # scale (1, 1), the whole image: no draw (the largest centred crop of an allowed aspect), so the view is
+        # deterministic (what the LiT embedding cache stores)
+        tries = 0 if self.scale == (1.0, 1.0) else 10
+        top, left, h, w = sample_resized_crop(rng, img.width, img.height, self.scale, self.ratio, tries)
         region = draft_region(img, (left, top, left + w, top + h), self.img_size)
         if self.hflip > 0 and rng.random() < self.hflip:
             region = region.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
@@ -317,14 +320,8 @@ class ImageFolderDataset(Dataset):
         epoch, index = parse_key(key)
         if not 0 <= index < len(self):
             raise IndexError(index)
-        lazy = getattr(self.transform, "decodes_itself", False)
-
-        def view(source):  # decoding may fail inside the transform (lazy): that sample is replaced too
-            img = self.load(source, lazy)
-            rng = np.random.default_rng([self.seed, epoch, index])
-            return self.transform(img, rng) if self.transform is not None else img
-        out, source, bad = load_with_replacement(view, self.paths.get, len(self), self.seed, epoch, index,
-                                                 f"--data_path {self.root}")
+        out, source, bad = load_view(self.load, self.transform, self.paths.get, len(self), self.seed, epoch, index,
+                                     f"--data_path {self.root}")
         self.bad.extend(bad)
         sample = dict(out) if isinstance(out, dict) else {"images": out}
         sample["bad"] = bad

@@ -104,7 +104,7 @@ def draft_region(img: Image.Image, box, out_size: int) -> Image.Image:
     w, h = img.size
     fits = [d for d in (8, 4, 2) if (right - left) / d >= out_size and (bottom - top) / d >= out_size]
     if fits and img.format == "JPEG" and getattr(img, "tile", None) and not getattr(img, "decoderconfig", None):
-        img.draft(img.mode, (-(-w // fits[0]), -(-h // fits[0])))
+        img.draft(img.mode, (w // fits[0], h // fits[0]))  # PIL picks the largest scale giving at least this
     rgb = finish_image(img)
     sx, sy = rgb.width / w, rgb.height / h
     if (sx, sy) != (1.0, 1.0):
@@ -137,6 +137,18 @@ def to_rgb(img: Image.Image) -> Image.Image:
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
     return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def load_view(load, transform, ident, num_items, seed, epoch, index, where):
+    """(view, source index, bad) of item (epoch, index) with load_with_replacement: `load(source, lazy)` reads an
+    entry (lazy: undecoded, for a transform that `decodes_itself`), `transform(item, rng)` makes the view with
+    the rng of the requested key, and a decoding failure inside the transform is replaced like one in load."""
+    lazy = getattr(transform, "decodes_itself", False)
+
+    def view(source):
+        item = load(source, lazy)
+        return transform(item, np.random.default_rng([seed, epoch, index])) if transform is not None else item
+    return load_with_replacement(view, ident, num_items, seed, epoch, index, where)
 
 
 def check_caption(text: str) -> str:
@@ -213,15 +225,21 @@ class PairDatasetBase(Dataset):
         epoch, index = parse_key(key)
         if not 0 <= index < len(self):
             raise IndexError(index)
-        lazy = getattr(self.transform, "decodes_itself", False)
-
-        def view(source):  # decoding may fail inside the transform (lazy): that sample is replaced too
-            image, text = self.load(source, lazy)
-            rng = np.random.default_rng([self.seed, epoch, index])
-            return (self.transform(image, rng) if self.transform is not None else image), text
-        (out, text), _, bad = load_with_replacement(view, self.ident, len(self), self.seed, epoch, index,
-                                                    "pair dataset (check it with util/validate_pairs.py)")
+        (out, text), _, bad = load_view(self.load, _OnImage(self.transform), self.ident, len(self), self.seed,
+                                        epoch, index, "pair dataset (check it with util/validate_pairs.py)")
         return {"image": out, "raw_text": text, "epoch": epoch, "index": index, "bad": bad}
+
+
+class _OnImage:
+    """A transform of (image, text) pairs that applies `transform` to the image (and says what it decodes)."""
+
+    def __init__(self, transform):
+        self.transform = transform
+        self.decodes_itself = getattr(transform, "decodes_itself", False)
+
+    def __call__(self, pair, rng):
+        image, text = pair
+        return (self.transform(image, rng) if self.transform is not None else image), text
 
 
 def _column(header, names, path):

@@ -16,7 +16,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
-from models.checkpointing import run_block
 from models.embeddings import TextEmbeddings
 from models.image_tower import image_tower as _image_tower
 from models.lora import LoRALinear, self_regularization_loss, swap_in_lora_linears
@@ -45,7 +44,6 @@ class OurTextTower(nn.Module):
         self.blocks = nn.ModuleList([MultiwayBlock(width, heads, mlp_ratio, "shared", drop_path=dpr[i],
                                                    layer_scale_init=layer_scale_init) for i in range(depth)])
         self.norm = LayerNorm(width)
-        self.grad_checkpointing_every = 0  # models/checkpointing.py
         # As VLMo._init_weights (models/vlmo.py): embeddings std 0.02; the blocks' Linear layers
         # trunc-normal(fan_in^-0.5), residual outputs (attn.proj, mlp.fc2) further / sqrt(2 * depth), so each
         # block moves the (LayerNorm-ed, unit-scale) token stream by O(1) and the [CLS] feature depends on the
@@ -66,8 +64,8 @@ class OurTextTower(nn.Module):
         """ids, masks [B, L] (mask 1 = token) -> [B, width], the first ([CLS]) token after the final norm."""
         attn_mask = masks.bool()[:, None, None, :]
         x = self.embeddings(ids)
-        for i, block in enumerate(self.blocks):
-            x = run_block(block, i, self.grad_checkpointing_every, x, "text", attn_mask=attn_mask)
+        for block in self.blocks:
+            x = block(x, "text", attn_mask=attn_mask)
         return self.norm(x)[:, 0]
 
 

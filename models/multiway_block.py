@@ -11,6 +11,7 @@ import torch.nn as nn
 from timm.layers import DropPath
 
 from models.attention import Attention
+from models.checkpointing import maybe_checkpoint
 from models.lora import LoRALinear
 
 LayerNorm = partial(nn.LayerNorm, eps=1e-6)
@@ -73,7 +74,11 @@ class MultiwayBlock(nn.Module):
                           self.mlp_imag(self.norm2_imag(image_part), use_lora=use_lora)], dim=1)
 
     def forward(self, x, modality, attn_mask=None, use_lora=True, text_len=None, math_attention=False):
-        """x [B, L, D] of one modality ("image", "text") or fused ("vl": the first text_len tokens are text)."""
+        """x [B, L, D] of one modality ("image", "text") or fused ("vl": the first text_len tokens are text);
+        recomputed in the backward when marked by models.checkpointing.set_grad_checkpointing."""
+        return maybe_checkpoint(self, self._forward, x, modality, attn_mask, use_lora, text_len, math_attention)
+
+    def _forward(self, x, modality, attn_mask, use_lora, text_len, math_attention):
         a = self.attn(self.norm1(x), attn_mask=attn_mask, modality=modality, use_lora=use_lora, text_len=text_len,
                       math_attention=math_attention)
         x = x + self.drop_path(a if self.gamma_1 is None else self.gamma_1 * a)

@@ -9,13 +9,17 @@ checkpoint's state dict), then detaches them again.
 """
 import contextlib
 
-from models.trainable import on_mode_path
+from models.trainable import on_mode_path, tower_of
 
 
 class ParkedModules:
     def __init__(self, model, entries, names=()):
         self.model, self.entries = model, entries  # [(parent module, attribute name, module)]
         self.names = list(names)  # their dotted names in the model
+
+    def describe(self, device, mode):
+        return (f"kept off {device}: {self.num_parameters() / 1e6:.2f}M frozen parameters off the {mode} path "
+                f"({self.nbytes() / 2 ** 20:.0f} MiB; {len(self.names)} modules)")
 
     def num_parameters(self):
         return sum(p.numel() for _, _, m in self.entries for p in m.parameters())
@@ -38,17 +42,22 @@ class ParkedModules:
             self._detach()
 
 
-def park_off_path(model, mode, device="cpu"):
-    """Detach and move to `device` the largest submodules of `model` whose parameters are all frozen and off
-    `mode`'s path; returns ParkedModules (empty for models that name their own towers, e.g. the dual encoder)."""
+def park_off_path(model, mode, keep_towers=(), device="cpu"):
+    """Detach and move to `device` the largest submodules of `model` whose parameters are all frozen, off
+    `mode`'s path and outside `keep_towers` (towers, "image"/"text", the mode's evaluation also runs, e.g.
+    text_distill's zero-shot); returns ParkedModules (empty for models that name their own towers, e.g. the
+    dual encoder)."""
     if hasattr(model, "configure_trainable"):
         return ParkedModules(model, [])
+
+    def parkable(name, p):
+        return not p.requires_grad and not on_mode_path(name, mode) and tower_of(name) not in keep_towers
     entries, taken = [], []
     for name, module in model.named_modules():
         if not name or any(name.startswith(t + ".") for t in taken):
             continue
         params = list(module.named_parameters())
-        if params and all(not p.requires_grad and not on_mode_path(f"{name}.{n}", mode) for n, p in params):
+        if params and all(parkable(f"{name}.{n}", p) for n, p in params):
             parent_name, _, attr = name.rpartition(".")
             entries.append((model.get_submodule(parent_name) if parent_name else model, attr, module))
             taken.append(name)

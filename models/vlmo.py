@@ -6,7 +6,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
-from models.checkpointing import run_block
 from models.embeddings import PatchEmbed, TextEmbeddings
 from models.heads import MLMHead
 from models.lora import LoRALinear, self_regularization_loss
@@ -75,7 +74,6 @@ class VLMo(nn.Module):
         self.locked_towers = set()  # LiT: towers whose embeddings must not change (run under no_grad)
         self.reg_loss_weight = 0.0
         self.math_attention = False  # test oracle switch: plain softmax(QK^T)V instead of SDPA
-        self.grad_checkpointing_every = 0  # models/checkpointing.py: every K-th block recomputed in the backward
         self._init_weights()
 
     def _init_weights(self):
@@ -124,9 +122,9 @@ class VLMo(nn.Module):
     # ---- feature extractors (last block output, before the final norm) ----
     def _run_blocks(self, x, modality, attn_mask=None, text_len=None):
         use_lora = modality in self.lora_modalities
-        for i, block in enumerate(self.blocks):
-            x = run_block(block, i, self.grad_checkpointing_every, x, modality, attn_mask=attn_mask,
-                          use_lora=use_lora, text_len=text_len, math_attention=self.math_attention)
+        for block in self.blocks:
+            x = block(x, modality, attn_mask=attn_mask, use_lora=use_lora, text_len=text_len,
+                      math_attention=self.math_attention)
         return x
 
     def _with_token_type(self, x, index):

@@ -13,6 +13,7 @@ A mode (one file in modes/) subclasses `PretrainMode` and is registered with `@r
   architecture) in the parameters no checkpoint provided (`loaded`: the names that were loaded).
 - `setup(device)`: build what the mode needs beside the model (the dVAE tokenizer for image_mim).
 - `before_training(backbone, env)`: work on the built model before the first step (the LiT embedding cache).
+- `eval_towers()`: towers its evaluation needs beyond its path (kept on the device; models/parking.py).
 - `build_data(tokenizer, image_state, rank, world_size, grid)` -> PretrainData: its dataset, collator and
   transforms.
 - `prepare_batch(batch)`: targets computed on the device before the forward (dVAE tokens), no grad.
@@ -85,6 +86,10 @@ class PretrainMode:
 
     def setup(self, device):
         """Build what the mode needs beside the model, on `device`."""
+
+    def eval_towers(self):
+        """Towers ("image", "text") the mode's evaluation runs beyond its training path (kept on the device)."""
+        return ()
 
     def before_training(self, backbone, env):
         """Work that needs the built model (weights loaded, on env.device) before the first step, on every rank

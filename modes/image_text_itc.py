@@ -54,7 +54,7 @@ from util.itc_monitor import ContrastiveMonitor
 from util.logger import LOG
 from util.preemption import ignore_stop_signals
 from util.retrieval_metrics import read_classnames, read_templates
-from util.dist import barrier
+from util.dist import any_rank, barrier, slow_barrier
 from util.run_common import autocast_context, autocast_setup
 
 # Batch entries the exact accumulation adds for a micro-batch's recompute (see accumulate_exactly).
@@ -152,10 +152,12 @@ class ImageTextITC(PretrainMode):
         collate = train_collate = PairCollator(tokenizer)
         view = build_crop_view(image_state, scale=(a.itc_crop_min_scale, 1.0), hflip=a.itc_flip_prob)
         train_set = build_pair_dataset(a.data_path, view, seed=a.seed, batch_size=a.batch_size, rank=rank, world_size=world_size)
-        if a.lit_cache:  # the images are decoded once, by before_training, on the evaluation view
-            self.cache_source = build_pair_dataset(a.data_path, build_eval_transform(image_state), seed=a.seed)
-            self.cache_extra = {"preprocess": image_state, "data": os.path.abspath(a.data_path),
-                                "bytes": os.path.getsize(a.data_path), "items": len(train_set)}
+        if a.lit_cache:  # the images are decoded once, by before_training, on the (deterministic) training view
+            self.cache_source = build_pair_dataset(a.data_path, view, seed=a.seed)
+            stat = os.stat(a.data_path)
+            self.cache_extra = {"preprocess": image_state, "view": [a.itc_crop_min_scale, a.itc_flip_prob],
+                                "precision": a.precision, "data": os.path.abspath(a.data_path),
+                                "bytes": stat.st_size, "mtime": int(stat.st_mtime), "items": len(train_set)}
             self.cache = EmbeddingCache(a.lit_cache, len(train_set), a.lit_cache_chunk)
             train_set, train_collate = CachedPairs(train_set, self.cache, a.seed), CachedPairCollator(tokenizer)
         if is_shard_path(a.data_path):
@@ -181,11 +183,13 @@ class ImageTextITC(PretrainMode):
         if not self.args.lit_cache:
             return
         tensors = {k: v for k, v in backbone.state_dict().items() if on_image_path(backbone, k)}
-        key = fingerprint(tensors, self.cache_extra)
-        if self.cache.check_or_start(key, self.args.data_path, env.is_main):
+        key = fingerprint(tensors, {**self.cache_extra, "pool": backbone.config.get("itc_pool")})
+        complete = self.cache.check_or_start(key, self.args.data_path, env.is_main)
+        if not any_rank(not complete, env.device):  # all ranks agree: build or not
             LOG.info(f"lit cache: {self.cache.num_items} embeddings in {self.args.lit_cache} match this run")
             return
         barrier()  # meta.json exists before any rank writes a chunk
+        self.cache.check_or_start(key, self.args.data_path, False)  # every rank: the folder's chunk size
         dtype, _ = autocast_setup(self.args.precision, env.device)
         was_training, rng = backbone.training, _rng_snapshot(env.device)
         backbone.eval()
@@ -197,10 +201,10 @@ class ImageTextITC(PretrainMode):
                      self.args.num_workers, LOG.info)
         backbone.train(was_training)
         _rng_restore(rng, env.device)  # the loaders drew seeds: a run with a partial cache stays the same run
-        barrier()
-        if self.cache.missing(0, 1):
-            raise UserError(f"--lit_cache {self.args.lit_cache}: chunks missing after the build "
-                            f"({len(self.cache.missing(0, 1))}); is the folder shared by every node?")
+        slow_barrier()  # every rank waits for the slowest one's chunks (longer than NCCL's timeout)
+        if any_rank(bool(self.cache.missing(0, 1)), env.device):  # every rank stops, or none
+            raise UserError(f"--lit_cache {self.args.lit_cache}: chunks missing after the build; is the folder "
+                            "shared by every node?")
         LOG.info(f"lit cache: {self.cache.num_items} embeddings written to {self.args.lit_cache}")
 
     def loss_units(self, batch):
@@ -251,12 +255,24 @@ def encode_pair(backbone, batch):
     cannot change anyway."""
     if "image_emb" in batch:  # --lit_cache: the locked tower's embeddings, computed once
         img = batch["image_emb"]
-    else:
-        with torch.no_grad() if "image" in backbone.locked_towers else contextlib.nullcontext():
+    elif "image" in backbone.locked_towers:  # in eval mode too: a locked tower's drop path would vary them
+        with torch.no_grad(), _eval_mode(backbone):
             img = backbone.encode_image(batch["images"])
+    else:
+        img = backbone.encode_image(batch["images"])
     with torch.no_grad() if "text" in backbone.locked_towers else contextlib.nullcontext():
         txt = backbone.encode_text(batch["text_ids"], batch["text_masks"])
     return img, txt
+
+
+@contextlib.contextmanager
+def _eval_mode(model):
+    was = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was)
 
 
 def feature_gradient_surrogate(backbone, batch):

@@ -186,6 +186,9 @@ class TextDistill(PretrainMode):
             sets.append(build_zero_shot(self.args, tokenizer, image_state, rank, world_size))
         return sets
 
+    def eval_towers(self):
+        return ("image",) if self.args.zeroshot_data_path else ()  # zero-shot embeds the held-out images
+
     def _embed_pair(self, backbone, batch, prepared=None):
         return {"student": backbone.encode_text(batch["text_ids"], batch["text_masks"]).float(),
                 "teacher": self.teacher.encode_text(batch["teacher_ids"], batch["teacher_masks"]).float()}

@@ -1,5 +1,6 @@
 """LiT with --lit_cache through the real entry point: the locked tower's embeddings are computed once, and the
-run then equals the online LiT run (whole, unflipped square images: the training view is the evaluation view);
+run then equals the online LiT run (whole, unflipped images: a deterministic training view; the locked tower in
+eval mode, so drop path elsewhere does not vary its embeddings);
 a stale cache is refused with one line; a killed build resumes at its missing chunks and a resumed run equals
 the uninterrupted one bitwise."""
 import os
@@ -31,7 +32,7 @@ def _argv(demo, out, weights, extra=()):
     return ["--mode", "image_text_itc", "--model", "vlmo_tiny_patch16", "--data_path", str(demo["pairs_train"]),
             "--val_data_path", str(demo["pairs_val"]), "--tokenizer", str(demo["tokenizer"]), "--resume", weights,
             "--lock_image", "--itc_crop_min_scale", "1", "--batch_size", "8", "--epochs", "2", "--lr", "1e-3",
-            "--warmup_epochs", "0.5", "--drop_path", "0", "--num_workers", "0", "--log_freq", "2",
+            "--warmup_epochs", "0.5", "--drop_path", "0.1", "--num_workers", "0", "--log_freq", "2",
             "--lit_cache_chunk", "16", "--output_dir", str(out), *extra]  # 48 pairs: 3 chunks
 
 
@@ -94,8 +95,9 @@ def test_two_ranks_build_the_cache_together_and_train_as_one(demo_data, weights,
     """Sharded build (chunks dealt over 2 gloo ranks, then a barrier) and training on 2 ranks x 4 = 1 rank x 8."""
     from run_helpers import run_entry
 
-    one = _argv(demo_data, tmp_path / "one", weights[0], ["--lit_cache", str(tmp_path / "c1"), "--epochs", "1"])
-    two = _argv(demo_data, tmp_path / "two", weights[0], ["--lit_cache", str(tmp_path / "c2"), "--epochs", "1",
+    same = ["--epochs", "1", "--drop_path", "0"]  # drop path draws per-rank masks: off to compare world sizes
+    one = _argv(demo_data, tmp_path / "one", weights[0], ["--lit_cache", str(tmp_path / "c1"), *same])
+    two = _argv(demo_data, tmp_path / "two", weights[0], ["--lit_cache", str(tmp_path / "c2"), *same,
                                                            "--batch_size", "4"])
     assert main_pretrain_cook.main(one) == 0
     proc = run_entry("main_pretrain_cook.py", two, nproc=2)

@@ -149,6 +149,24 @@ def barrier():
         dist.barrier()
 
 
+def slow_barrier(hours=24):
+    """A barrier for waits longer than the process group's timeout (NCCL: 10 minutes), e.g. ranks waiting for the
+    slowest one's share of a one-time pass over the data: through a gloo group created with `hours`."""
+    if is_dist():
+        import datetime
+
+        dist.barrier(group=dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=hours)))
+
+
+def any_rank(flag, device):
+    """True on every rank if `flag` holds on any (so all ranks raise, or go on, together)."""
+    if not is_dist():
+        return bool(flag)
+    t = torch.tensor([1 if flag else 0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def cleanup():
     if is_dist():
         dist.destroy_process_group()

@@ -260,7 +260,9 @@ def wrap_ddp(model, env):
         return model
     from torch.nn.parallel import DistributedDataParallel
 
-    # broadcast_buffers=False: the model's buffers are index tables rebuilt identically on every rank (relative
-    # positions, position ids), never trained; re-broadcasting them before every forward is wasted traffic
+    # Our buffers are index tables rebuilt identically on every rank (relative positions, position ids), never
+    # trained: re-broadcasting them before every forward is wasted traffic. A timm tower with BatchNorm has
+    # running statistics, which rank 0's broadcast keeps equal on every rank.
+    batch_norm = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
     return DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None,
-                                   broadcast_buffers=False)
+                                   broadcast_buffers=batch_norm)
