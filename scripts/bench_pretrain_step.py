@@ -15,7 +15,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from custom_datasets.masking_generator import masked_positions  # noqa: E402
-from models.checkpointing import set_grad_checkpointing  # noqa: E402
+from models.checkpointing import COMPILE_BACKENDS, apply_block_options  # noqa: E402
 from models.registry import create_model  # noqa: E402
 from models.trainable import configure_trainable  # noqa: E402
 from modes.base import pretrain_model  # noqa: E402
@@ -138,6 +138,7 @@ def main(argv=None):
     p.add_argument("--no_reference", action="store_true", help="skip the reference rows")
     p.add_argument("--grad_checkpointing", type=int, default=0, metavar="K",
                    help="ours: activation checkpointing of every K-th block (0: off)")
+    p.add_argument("--compile", default=None, choices=COMPILE_BACKENDS, help="ours: torch.compile each block")
     p.add_argument("--dvae_n_hid", type=int, default=256, help="image_mim: dVAE width for its share of step time "
                    "(256 = the published DALL-E encoder, random weights)")
     args = p.parse_args(argv)
@@ -147,12 +148,16 @@ def main(argv=None):
     torch.manual_seed(0)
     model = create_model(args.model, mim_target="dalle", itc_loss=args.itc_loss).to(device)
     configure_trainable(model, args.mode)
-    set_grad_checkpointing(model, args.grad_checkpointing)
+    apply_block_options(model, args.grad_checkpointing, args.compile)
     step_model = pretrain_model(model, args.mode)
     batch = make_batch(args.mode, model, args.batch_size, args.seq_len, device, torch.Generator().manual_seed(0))
+    if args.compile:  # the first step compiles: timed apart
+        start = time.perf_counter()
+        step_model(batch)["loss"].backward()
+        print(f"  first step (compiles every block with {args.compile}): {time.perf_counter() - start:.1f} s")
     loss_note = f" ({args.itc_loss})" if args.mode == "image_text_itc" else ""
     print(f"{args.mode}{loss_note} step | {args.model} | batch {args.batch_size} | {precision} | grad checkpointing "
-          f"{args.grad_checkpointing or 'off'} | {device} "
+          f"{args.grad_checkpointing or 'off'} | compile {args.compile or 'off'} | {device} "
           f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} threads'})")
     if not args.no_reference and args.mode == "image_mim":
         # Alternate rounds of ours and timm's and take medians: machine noise hits both alike.
