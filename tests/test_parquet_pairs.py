@@ -2,7 +2,6 @@
 (seed, epoch) order of row groups shuffled within each group, with the same corrupt-row handling as the other
 formats; the validator, the shard writer and a training run take the file."""
 import csv
-import io
 import os
 
 import numpy as np
