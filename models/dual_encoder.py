@@ -45,7 +45,7 @@ class OurTextTower(nn.Module):
                                                    layer_scale_init=layer_scale_init) for i in range(depth)])
         self.norm = LayerNorm(width)
         # As VLMo._init_weights (models/vlmo.py): embeddings std 0.02; the blocks' Linear layers
-        # trunc-normal(fan_in^-0.5), residual outputs (attn.proj, mlp.fc2) further / sqrt(2 * depth), so each
+        # trunc-normal(fan_in^-0.5), the MLP outputs (mlp.fc2) further / sqrt(2 * depth), so each
         # block moves the (LayerNorm-ed, unit-scale) token stream by O(1) and the [CLS] feature depends on the
         # text at init (std 0.02 everywhere with layer scale 0.1 left it constant: cosine 1.0000 across texts).
         for m in self.modules():
@@ -57,8 +57,7 @@ class OurTextTower(nn.Module):
             for layer in (block.attn.qkv, block.attn.proj, block.mlp.fc1, block.mlp.fc2):
                 std = layer.in_features ** -0.5
                 trunc_normal_(layer.weight, std=std, a=-2 * std, b=2 * std)
-            for layer in (block.attn.proj, block.mlp.fc2):
-                layer.weight.data.mul_((2.0 * depth) ** -0.5)
+            block.mlp.fc2.weight.data.mul_((2.0 * depth) ** -0.5)  # MLP outputs only, as models/vlmo.py
 
     def forward(self, ids, masks):
         """ids, masks [B, L] (mask 1 = token) -> [B, width], the first ([CLS]) token after the final norm."""

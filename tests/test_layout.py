@@ -56,7 +56,7 @@ def test_no_file_over_400_lines():
 
 
 def test_each_mode_is_one_file_declaring_its_path():
-    assert modes.mode_names() == ["image_mim", "image_text_itc", "text_mlm"]
+    assert modes.mode_names() == ["image_mim", "image_text_itc", "text_distill", "text_mlm"]
     for name in modes.mode_names():
         cls = modes.get_mode(name)
         assert cls.__module__ == f"modes.{name}" and cls.towers and cls.heads
