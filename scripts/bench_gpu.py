@@ -151,7 +151,7 @@ def main(argv=None):
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     peak = matmul_flops(device, dtype)
     print(f"{a.model} {a.model_kwargs} | batch {a.batch_size} | {'bf16' if dtype else 'fp32'} | {name} | measured "
-          f"matmul {peak / 1e12:.1f} TFLOP/s")
+          f"matmul {peak / 1e12:.3f} TFLOP/s")
     for mode in a.modes:
         torch.manual_seed(0)
         model = create_model(a.model, itc_loss="clip", **json.loads(a.model_kwargs)).to(device)
