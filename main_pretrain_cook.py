@@ -222,11 +222,11 @@ def model_overrides(args, tokenizer, mode):
                image_tower=args.image_tower, image_tower_weights=args.image_tower_weights,
                image_tower_kwargs=args.image_tower_kwargs, text_tower=args.text_tower,
                text_tower_kwargs=args.text_tower_kwargs)
-    run.update(mode.model_overrides())
     if "image_tower" in model_options(args.model):
         run["embed_dim"] = args.itc_embed_dim  # the dual encoder's shared embedding; a backbone's is its width
     if args.img_size:
         run["img_size"] = args.img_size
+    run.update(mode.model_overrides())  # e.g. text_distill: the teacher's architecture
     options = model_options(args.model)
     return {**{k: v for k, v in run.items() if k in options}, **args.model_kwargs}
 

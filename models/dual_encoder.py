@@ -25,6 +25,9 @@ from util.errors import UserError
 
 KIND = "dual_encoder"
 MODE = "image_text_itc"
+# What each mode the dual encoder serves trains (tower_of's names): text_distill's loss uses the text tower and
+# its projection only (the temperature would get no gradient, which DDP refuses).
+TRAINED_TOWERS = {MODE: ("image", "text", "head"), "text_distill": ("text",)}
 OURS = "ours"
 # CLIP's text transformer dimensions; tests and small runs override them (text_tower_kwargs).
 OUR_TEXT_DEFAULTS = dict(width=512, depth=12, heads=8, mlp_ratio=4.0, layer_scale_init=1.0)
@@ -154,8 +157,8 @@ class DualEncoder(nn.Module):
         provided is frozen; the unlocked towers' pretrained Linear layers get LoRA adapters; everything
         else (projections, temperature, a tower trained from scratch) trains fully.
         """
-        if mode != MODE:
-            raise UserError(f"--model {KIND} trains only the {MODE} mode, not {mode}")
+        if mode not in TRAINED_TOWERS:
+            raise UserError(f"--model {KIND} trains only the {' and '.join(TRAINED_TOWERS)} modes, not {mode}")
         if lock_image and lock_text:
             raise UserError("--lock_image and --lock_text together leave nothing to train")
         locked = {t for t, on in (("image", lock_image), ("text", lock_text)) if on}
@@ -163,7 +166,7 @@ class DualEncoder(nn.Module):
         self.lora_modalities = {"image", "text"} - locked
         provided = set(provided_keys) | set(self.pretrained_keys)
         for name, p in self.named_parameters():
-            p.requires_grad_(tower_of(name) not in locked)
+            p.requires_grad_(tower_of(name) in TRAINED_TOWERS[mode] and tower_of(name) not in locked)
         if lora_rank > 0:
             for tower in sorted(self.lora_modalities):
                 self._enable_lora(tower, provided, lora_rank, lora_alpha)

@@ -133,3 +133,30 @@ def test_bad_inputs_are_one_line(demo_data, distill, tmp_path, capsys):
             main_pretrain_cook.main(_argv(demo_data, distill, tmp_path / name.replace(" ", "_"), extra))
         err = capsys.readouterr().err.strip()
         assert e.value.code == 2 and message in err and len(err.splitlines()) == 1, (name, err)
+
+
+def test_dual_encoder_teacher_and_a_hugging_face_student(demo_data, distill, tiny_tokenizer, tmp_path):
+    """A dual-encoder teacher (timm ViT + our text tower) and a local Hugging Face BERT student: the saved model
+    is the teacher's image tower and projection plus the BERT tower, and its image embeddings are the teacher's."""
+    import main_pretrain_cook
+    from test_dual_encoder import IMG, VIT, _tiny_bert_folder
+
+    _tiny_bert_folder(tmp_path / "bert", tiny_tokenizer.tokens)
+    torch.manual_seed(0)
+    teacher = create_model("dual_encoder", image_tower=VIT, text_tower="ours", embed_dim=16, img_size=32,
+                           vocab_size=tiny_tokenizer.vocab_size, max_text_len=32, image_tower_kwargs=IMG,
+                           text_tower_kwargs={"width": 32, "depth": 1, "heads": 2})
+    path = tmp_path / "dual_teacher.pth"
+    torch.save({"model": teacher.state_dict(), "model_config": teacher.config, "tokenizer": tiny_tokenizer.to_state()},
+               path)
+    out = tmp_path / "run"
+    argv = [a for a in _argv(demo_data, distill, out, ["--epochs", "1", "--zeroshot_data_path", ""])
+            if a not in ("--tokenizer", distill["vocab"])]
+    argv[argv.index("vlmo_tiny_patch16")] = "dual_encoder"
+    argv[argv.index(distill["teacher"])] = str(path)
+    assert main_pretrain_cook.main(argv + ["--text_tower", str(tmp_path / "bert"), "--max_text_len", "32"]) == 0
+    ckpt = load_ckpt(out / "checkpoint-1.pth")
+    assert ckpt["model_config"]["text"]["kind"] == "hf" and ckpt["model_config"]["image"]["name"] == VIT
+    for k, v in teacher.state_dict().items():
+        if k.startswith(("image_tower.", "itc_image_proj.")):
+            assert torch.equal(ckpt["model"][k], v), k
