@@ -1,5 +1,5 @@
 """Pretraining entry point: args -> mode -> data -> model -> engine, for every mode in modes/ (text_mlm,
-image_mim, image_text_itc). Launch with `torchrun --nproc_per_node=N main_pretrain_cook.py ...` (or under SLURM)."""
+image_mim, image_text_itc, text_distill). Launch with `torchrun --nproc_per_node=N main_pretrain_cook.py ...` (or under SLURM)."""
 import argparse
 import os
 import sys
