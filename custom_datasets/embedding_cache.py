@@ -22,19 +22,17 @@ from torch.utils.data import Dataset
 
 from custom_datasets.pair_collator import caption_hashes
 from custom_datasets.pair_dataset import BadSample, check_caption, load_with_replacement, parse_key
+from util.checkpoint import replace_atomically
 from util.errors import UserError
 
 META = "meta.json"
 
 
-def _atomic_write(path, write):
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+def _write_text(path, body):
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(body)
+    replace_atomically(path, write)
 
 
 class EmbeddingCache:
@@ -62,7 +60,7 @@ class EmbeddingCache:
         meta.json). Returns True if it already held every chunk."""
         meta = self.read_meta()
         if meta is not None:
-            self.chunk = int(meta.get("chunk", self.chunk))  # the files' layout, not this run's flag
+            self.adopt_layout()  # the files' layout, not this run's flag
             if meta.get("fingerprint") != fingerprint or meta.get("num_items") != self.num_items:
                 raise UserError(f"--lit_cache {self.folder}: built for other image-tower weights, preprocessing or "
                                 f"data ({meta.get('source')}, {meta.get('num_items')} items, fingerprint "
@@ -73,8 +71,12 @@ class EmbeddingCache:
             os.makedirs(self.folder, exist_ok=True)
             body = json.dumps({"fingerprint": fingerprint, "num_items": self.num_items, "chunk": self.chunk,
                                "source": source}, indent=1)
-            _atomic_write(os.path.join(self.folder, META), lambda p: open(p, "w", encoding="utf-8").write(body))
+            _write_text(os.path.join(self.folder, META), body)
         return False
+
+    def adopt_layout(self):
+        """Take the chunk size of the folder's meta.json (after rank 0 wrote it), whatever the flag said."""
+        self.chunk = int(self.read_meta().get("chunk", self.chunk))
 
     def missing(self, rank=0, world_size=1):
         """This rank's share (round-robin) of the chunk starts that do not exist yet."""
@@ -82,10 +84,13 @@ class EmbeddingCache:
 
     def write_chunk(self, start, embeddings, bad):
         """embeddings float32 [n, dim]; bad {item: reason}."""
-        body = json.dumps({str(k): v for k, v in bad.items()})
-        _atomic_write(self._bad(start), lambda p: open(p, "w", encoding="utf-8").write(body))
-        _atomic_write(self._emb(start), lambda p: np.save(open(p, "wb"), np.ascontiguousarray(embeddings,
-                                                                                             dtype=np.float32)))
+        _write_text(self._bad(start), json.dumps({str(k): v for k, v in bad.items()}))
+        array = np.ascontiguousarray(embeddings, dtype=np.float32)
+
+        def write(tmp):  # a file object: np.save would append ".npy" to the temporary name
+            with open(tmp, "wb") as f:
+                np.save(f, array, allow_pickle=False)
+        replace_atomically(self._emb(start), write)
 
     def open(self):
         """(list of memory-mapped chunks, {item: reason} of unreadable images)."""

@@ -189,7 +189,7 @@ class ImageTextITC(PretrainMode):
             LOG.info(f"lit cache: {self.cache.num_items} embeddings in {self.args.lit_cache} match this run")
             return
         barrier()  # meta.json exists before any rank writes a chunk
-        self.cache.check_or_start(key, self.args.data_path, False)  # every rank: the folder's chunk size
+        self.cache.adopt_layout()  # every rank: the folder's chunk size
         dtype, _ = autocast_setup(self.args.precision, env.device)
         was_training, rng = backbone.training, _rng_snapshot(env.device)
         backbone.eval()

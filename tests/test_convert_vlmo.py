@@ -89,37 +89,35 @@ def vlmo_state_dict(ffn, vl_start, heads, lora, seed=0):
 
 
 # ---- the reference forward, from the facts of VLMo's layout ----
-def ref_image_index():
-    n, side = GRID * GRID + 1, 2 * GRID - 1
+def ref_index(n, table_end, pair):
+    """[n, n] bucket ids with [CLS] at 0: its three cells are the last three rows before `table_end`
+    ([CLS]->token, token->[CLS], [CLS]->[CLS]); `pair(q, k)` gives the bucket of two tokens after [CLS]."""
     index = torch.empty(n, n, dtype=torch.long)
     for q in range(n):
         for k in range(n):
             if q == 0 and k == 0:
-                index[q, k] = IMAGE_ROWS - 1
+                index[q, k] = table_end - 1
             elif q == 0:
-                index[q, k] = IMAGE_ROWS - 3
+                index[q, k] = table_end - 3
             elif k == 0:
-                index[q, k] = IMAGE_ROWS - 2
+                index[q, k] = table_end - 2
             else:
-                (qy, qx), (ky, kx) = divmod(q - 1, GRID), divmod(k - 1, GRID)
-                index[q, k] = (qy - ky + GRID - 1) * side + (qx - kx + GRID - 1)
+                index[q, k] = pair(q, k)
     return index
+
+
+def ref_image_index():
+    side = 2 * GRID - 1
+
+    def pair(q, k):
+        (qy, qx), (ky, kx) = divmod(q - 1, GRID), divmod(k - 1, GRID)
+        return (qy - ky + GRID - 1) * side + (qx - kx + GRID - 1)
+    return ref_index(GRID * GRID + 1, IMAGE_ROWS, pair)
 
 
 def ref_text_index(length):
     start = IMAGE_ROWS + 2  # text rows after the image grid and the two cross-modal rows
-    index = torch.empty(length, length, dtype=torch.long)
-    for q in range(length):
-        for k in range(length):
-            if q == 0 and k == 0:
-                index[q, k] = TABLE_ROWS - 1
-            elif q == 0:
-                index[q, k] = TABLE_ROWS - 3
-            elif k == 0:
-                index[q, k] = TABLE_ROWS - 2
-            else:  # offset k - q in -(T-2) .. T-2
-                index[q, k] = start + (k - q) + (T - 2)
-    return index
+    return ref_index(length, TABLE_ROWS, lambda q, k: start + (k - q) + (T - 2))  # offset k - q in -(T-2)..T-2
 
 
 def ref_fused_index(text_len):

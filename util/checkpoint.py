@@ -111,17 +111,17 @@ def save_atomic(obj, path):
                 raise
             f.flush()
             os.fsync(f.fileno())
-    _replace_atomically(path, write)
+    replace_atomically(path, write)
 
 
 def copy_atomic(src, dst):
     """Copy `src` over `dst` via `dst.tmp` (the same failure handling as save_atomic)."""
     import shutil
 
-    _replace_atomically(dst, lambda tmp: shutil.copyfile(src, tmp))
+    replace_atomically(dst, lambda tmp: shutil.copyfile(src, tmp))
 
 
-def _replace_atomically(path, write):
+def replace_atomically(path, write):
     """write(`path`.tmp), then rename it over `path`; on a failure the partial file is removed, `path` is left
     as it was, and WriteFailed names the file and the reason."""
     tmp = f"{path}.tmp"

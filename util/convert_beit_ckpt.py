@@ -260,6 +260,12 @@ def main(argv=None) -> dict:
     print(f"  dropped ({len(report['dropped'])}):")
     for line in summarize_keys(k for k, _ in report["dropped"]):
         print(f"    {line}")
+    print_filled_created_warnings(report)
+    return report
+
+
+def print_filled_created_warnings(report) -> None:
+    """The tail of a converter's report: layer scales filled, tensors left to the model's init, warnings."""
     for key, why in report["filled"][:1]:
         print(f"  filled {len(report['filled'])} layer-scale tensors ({why})")
     print(f"  newly created, left to the model's initialisation ({len(report['created'])}):")
@@ -267,7 +273,6 @@ def main(argv=None) -> dict:
         print(f"    {line}")
     for w in report["warnings"]:
         print(f"  WARNING: {w}")
-    return report
 
 
 if __name__ == "__main__":

@@ -46,7 +46,8 @@ from models.registry import backbone_names, model_options  # noqa: E402
 from models.registry import model_config as registry_model_config  # noqa: E402
 from models.relative_position import NUM_CROSS_BUCKETS, text_table_from_parts  # noqa: E402
 from util.checkpoint import extract_state_dict, save_atomic  # noqa: E402
-from util.convert_beit_ckpt import load_beit_checkpoint, summarize_keys, target_shapes  # noqa: E402
+from util.convert_beit_ckpt import (load_beit_checkpoint, print_filled_created_warnings,  # noqa: E402
+                                    summarize_keys, target_shapes)
 from util.errors import UserError, run_cli  # noqa: E402
 
 VLMO_TEXT_TABLE_LEN = 196  # VLMo's max_text_len_of_initckpt: the text part of its table has 2 * 196 rows
@@ -125,12 +126,11 @@ def _split_table(table, config, text_table_len):
     """VLMo's [image + 2 + 2T, heads*layers] table -> {our per-block table key: tensor}."""
     heads, depth = config["num_heads"], config["depth"]
     image_rows = table.shape[0] - NUM_CROSS_BUCKETS - 2 * text_table_len
-    text_len = text_table_len
     out = {}
     for i in range(depth):
         t = table[:, i * heads:(i + 1) * heads]
         image, cross, text = t[:image_rows], t[image_rows:image_rows + 2], t[image_rows + 2:]
-        offsets, cls = text[:2 * text_len - 3], text[2 * text_len - 3:]
+        offsets, cls = text[:2 * text_table_len - 3], text[2 * text_table_len - 3:]
         out[f"blocks.{i}.attn.{_TABLE}"] = image.clone()
         out[f"blocks.{i}.attn.text_{_TABLE}"] = text_table_from_parts(offsets, cls, cross, config["max_text_len"])
     return out
@@ -207,13 +207,7 @@ def print_report(src, dst, config, report):
     print(f"  dropped ({len(report['dropped'])}):")
     for why, keys in by_reason.items():
         print(f"    {why}: {', '.join(summarize_keys(keys))}")
-    if report["filled"]:
-        print(f"  filled {len(report['filled'])} layer-scale tensors ({report['filled'][0][1]})")
-    print(f"  newly created, left to the model's initialisation ({len(report['created'])}):")
-    for line in summarize_keys(report["created"]):
-        print(f"    {line}")
-    for w in report["warnings"]:
-        print(f"  WARNING: {w}")
+    print_filled_created_warnings(report)
 
 
 def main(argv=None) -> dict:
