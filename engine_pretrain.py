@@ -83,7 +83,7 @@ def accumulate_gradients(trainer, batches, nonfinite):
     The batches' loss units (masked tokens, patches, rows) are summed over micro-batches and ranks first, so
     every micro-step's summed loss is normalised by the global count and the update equals one step on the
     whole global batch. A model whose loss is a per-batch mean (loss_units None) is divided by the number
-    of micro-batches. DDP synchronises gradients on the last micro-batch only.
+    of micro-batches. DDP (or FSDP) synchronises gradients on the last micro-batch only.
     """
     model, raw, cfg, scaler = trainer.model, trainer.raw_model, trainer.cfg, trainer.scaler
     units = [raw.loss_units(b) for b in batches]
@@ -93,8 +93,7 @@ def accumulate_gradients(trainer, batches, nonfinite):
         normalizer = du.all_reduce_sum(torch.stack(units).sum().float()).clamp(min=1) / du.world_size()
     metrics = {}
     for i, b in enumerate(batches):
-        sync = i == len(batches) - 1 or not hasattr(model, "no_sync")
-        with contextlib.nullcontext() if sync else model.no_sync(), autocast_context(cfg.device, cfg.autocast_dtype):
+        with du.gradient_sync(model, i == len(batches) - 1), autocast_context(cfg.device, cfg.autocast_dtype):
             # the self-regularization term, the same for every micro-batch of a step, enters once (the last)
             out = model(b, loss_normalizer=normalizer, reg_scale=float(i == len(batches) - 1))
         loss = out.pop("loss")
@@ -135,6 +134,7 @@ def train_one_epoch(trainer, loader, epoch, start_step, global_step):
         if trainer.monitor is not None:
             trainer.monitor.observe(batches, metrics)
         log_now = (step + 1) % cfg.log_freq == 0 or step + 1 == cfg.steps_per_epoch
+        du.finish_gradients(trainer.model)  # FSDP: the scalars it keeps whole
         grad_norm = optimizer_step(trainer.optimizer, trainer.scaler, trainable, cfg.clip_grad, log_now,
                                    trainer.post_step)
         global_step += 1

@@ -14,7 +14,7 @@ import torch
 from custom_datasets.finetune_data import resolve_image_preprocess, resolve_tokenizer
 from engine_pretrain import stop_for_preemption, Trainer, evaluate, run_config, train_one_epoch
 from models.loading import check_architecture
-from models.checkpointing import COMPILE_BACKENDS, apply_block_options
+from models.checkpointing import apply_block_options
 from models.registry import backbone_names, create_model, model_config, recorded_config
 from models.vlmo import ITC_LOSSES
 from tasks import all_tasks, get_task, task_names
@@ -24,10 +24,11 @@ from util.bad_samples import BadSampleLog
 from util.checkpoint import (LATEST, copy_atomic, extract_state_dict, is_training_checkpoint, latest_in, load_file,
                               written_by_rank0)
 from util.checkpointer import Checkpointer
-from util.config import add_optimizer_args, add_run_args, make_parser, parse_with_config, write_args_json
+from util.config import (add_optimizer_args, add_run_args, add_scale_args, make_parser, parse_with_config,
+                         write_args_json)
 from util.errors import NonFiniteLoss, UserError
 from util.evaluation import EvalSet
-from util.flag_checks import (Bounded, check_output_dir, check_paths, fraction, non_negative_float, non_negative_int,
+from util.flag_checks import (check_output_dir, check_paths, fraction, non_negative_float, non_negative_int,
                               positive_float, positive_int)
 from util.layer_decay import layer_decay_scale
 from util.logger import LOG, RunLog
@@ -59,11 +60,7 @@ def get_args_parser():
     g.add_argument("--ffn_layout", default=None, choices=["multiway", "shared"], help="default: the checkpoint's")
     g.add_argument("--itc_loss", default=None, choices=ITC_LOSSES, help="default: the checkpoint's")
     g.add_argument("--drop_path", type=fraction(open_high=True), default=0.1, help="stochastic depth rate")
-    g.add_argument("--grad_checkpointing", type=Bounded(int, 0), nargs="?", const=1, default=0, metavar="K",
-                   help="activation checkpointing of every K-th block (the flag alone: every block)")
-    g.add_argument("--compile", nargs="?", const="inductor", default=None, choices=COMPILE_BACKENDS,
-                   help="torch.compile each transformer block (the flag alone: inductor; aot_eager to check a model "
-                        "compiles without code generation), after activation checkpointing")
+    add_scale_args(g)
     g.add_argument("--global_pool", default="avg", choices=GLOBAL_POOLS,
                    help="classification/regression heads: mean of the tokens, or the CLS token")
     g.add_argument("--lora_rank", type=non_negative_int(), default=0, help="> 0: LoRA on the weights --finetune provided")

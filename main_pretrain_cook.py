@@ -7,22 +7,25 @@ import time
 
 import torch
 
-from custom_datasets.hf_tokenizer import HFTokenizer, tokenizer_from_any_state
+from custom_datasets.hf_tokenizer import choose_tokenizer
 from custom_datasets.image_dataset import IMAGE_NORMS, inherit_image_state
 from custom_datasets.pair_dataset import DEFAULT_MAX_IMAGE_PIXELS, is_shard_path, set_max_image_pixels
-from custom_datasets.tokenizer import load_tokenizer
 from engine_pretrain import Trainer, held_out, run_config, stop_for_preemption, train_one_epoch
-from models.checkpointing import COMPILE_BACKENDS, apply_block_options
+from models.checkpointing import apply_block_options
 from models.loading import load_weights, model_for_resume
 from models.parking import park_off_path
+from models.sharding import shard_model
 from models.registry import (DUAL_ENCODER, check_overrides, create_model, model_config, model_names, model_options,
                              patch_grid, switches_of)
 from models.trainable import configure_trainable
 from modes import all_modes, get_mode, mode_names
 from modes.base import PretrainModel
+from util import dist as du
 from util.bad_samples import BadSampleLog
+from util.checkpoint import LATEST
 from util.checkpointer import Checkpointer
-from util.config import add_optimizer_args, add_run_args, json_mapping, make_parser, parse_with_config, write_args_json
+from util.config import (add_optimizer_args, add_run_args, add_scale_args, json_mapping, make_parser, parse_with_config,
+                         write_args_json)
 from util.errors import UserError
 from util.flag_checks import (Bounded, check_output_dir, check_paths, fraction, no_effect_warnings, non_negative_float,
                               non_negative_int, positive_float, positive_int)
@@ -30,6 +33,7 @@ from util.logger import LOG, RunLog, warn_once
 from util.optim_factory import build_adamw
 from util.preemption import PreemptionWatch
 from util.resume import plan_resume
+from util.sharded_checkpoint import LATEST_SHARDED, full_model_state, load_model_state, optimizer_state
 from util.run_common import (RunPosition, adapt_to_world_size, autocast_setup, batch_to_device, entry_point,
                              load_full_state, log_trainable, open_run_folder, resolve_batch_and_lr,
                              restore_training_state, start_processes, training_state, wrap_ddp)
@@ -57,12 +61,7 @@ def get_args_parser():
                    help="multiway: an expert FFN per modality (VLMo); shared: one FFN for all")
     g.add_argument("--img_size", type=positive_int(), default=None, help="default: the model's")
     g.add_argument("--drop_path", type=fraction(open_high=True), default=0.1, help="stochastic depth rate")
-    g.add_argument("--grad_checkpointing", type=Bounded(int, 0), nargs="?", const=1, default=0, metavar="K",
-                   help="activation checkpointing of every K-th block (the flag alone: every block): less "
-                        "activation memory for about one more forward")
-    g.add_argument("--compile", nargs="?", const="inductor", default=None, choices=COMPILE_BACKENDS,
-                   help="torch.compile each transformer block (the flag alone: inductor; aot_eager to check a model "
-                        "compiles without code generation), after activation checkpointing")
+    add_scale_args(g, fsdp=True)
     g.add_argument("--image_tower", default="vit_base_patch16_224",
                    help=f"--model {DUAL_ENCODER}: timm model name of the image tower")
     g.add_argument("--image_tower_weights", default=None,
@@ -181,6 +180,10 @@ def resolve_run_args(args, world_size):
         warn_once(f"warning: --self_regularization needs --lora_rank > 0 and --reg_loss_weight > 0 (given "
                     f"{args.lora_rank} and {args.reg_loss_weight:g}): it is off, and args.json says so")
         args.self_regularization = False
+    if args.fsdp and world_size == 1:
+        warn_once("warning: --fsdp on one process has nothing to shard over: training unsharded, with single-file "
+                  "checkpoints (args.json records fsdp false)")
+        args.fsdp = False
     return args
 
 
@@ -192,26 +195,8 @@ def hf_text_folder(args):
 
 def load_run_tokenizer(args, plan):
     state = plan.ckpt.get("tokenizer") if isinstance(plan.ckpt, dict) else None
-    if args.tokenizer is None and state:
-        LOG.info(f"tokenizer: inherited from {plan.path}")
-        try:
-            return tokenizer_from_any_state(state)
-        except UserError as e:
-            raise UserError(f"--resume {plan.path}: its tokenizer: {e}") from None
-    folder = hf_text_folder(args)
-    if folder:
-        if args.tokenizer:
-            raise UserError("--tokenizer: a Hugging Face --text_tower uses its own folder's tokenizer; drop --tokenizer")
-        tok = HFTokenizer(folder, args.max_text_len)
-        LOG.info(f"tokenizer: {folder} ({tok.vocab_size} tokens, Hugging Face)")
-        return tok
-    path = args.tokenizer or DEFAULT_TOKENIZER
-    try:
-        tok = load_tokenizer(path, do_lower_case=args.do_lower_case, max_len=args.max_text_len)
-    except UserError as e:
-        raise UserError(f"--tokenizer {path}: {e}") from None
-    LOG.info(f"tokenizer: {path} ({tok.vocab_size} tokens, lower case {tok.do_lower_case})")
-    return tok
+    return choose_tokenizer(args.tokenizer, DEFAULT_TOKENIZER, args.do_lower_case, args.max_text_len,
+                            hf_text_folder(args), state if args.tokenizer is None else None, plan.path, LOG.info)
 
 
 def model_overrides(args, tokenizer, mode):
@@ -256,8 +241,9 @@ def build_model(args, overrides, plan):
                     + ("; --self_regularization is off with it" if args.use_self_regularization else "")
                     + ". args.json records --lora_rank 0")
         args.lora_rank, args.use_self_regularization, args.self_regularization = 0, False, False
-    if plan.kind == "train":
-        load_full_state(model, plan.state_dict, plan.path)
+    if plan.kind == "train":  # a sharded folder's tensors are read through DCP, resharded to this run
+        load_model_state(model, plan.path) if plan.ckpt.get("sharded") else \
+            load_full_state(model, plan.state_dict, plan.path)
     return model, provided, groups
 
 
@@ -284,21 +270,24 @@ def run(args, argv):
         return check_run(args, env, plan, mode, tokenizer)
     open_run_folder(args, env)
     overrides, image_state, data, steps_per_epoch = build_run_data(args, env, plan, mode, tokenizer)
-    backbone, provided, groups = build_model(args, overrides, plan)
-    if plan.kind != "train":
-        mode.init_fresh(backbone, set(provided), args.effective_batch_size)
+    with torch.random.fork_rng(devices=[]):  # the same initial weights on every rank (FSDP shards them as built)
+        torch.manual_seed(args.seed)
+        backbone, provided, groups = build_model(args, overrides, plan)
+        if plan.kind != "train":
+            mode.init_fresh(backbone, set(provided), args.effective_batch_size)
     log_trainable(backbone, groups)
     apply_block_options(backbone, args.grad_checkpointing, args.compile, LOG.info)
     parked = park_off_path(backbone, args.mode, mode.eval_towers())  # frozen, off this mode's path: stays on the CPU, outside DDP
     LOG.info(parked.describe(env.device, args.mode))
     model = PretrainModel(backbone, mode).to(env.device)
     mode.before_training(backbone, env)
-    optimizer = build_adamw(backbone, args.lr, args.weight_decay, tuple(args.opt_betas))
     autocast_dtype, scaler = autocast_setup(args.precision, env.device)
-    pos = restore_training_state(plan.ckpt, optimizer, scaler, env.rank, env.world_size, args.seed,
-                                 plan.path) if plan.kind == "train" else RunPosition()
+    ddp = shard_model(model, autocast_dtype if env.device.type == "cuda" else None) if args.fsdp else \
+        wrap_ddp(model, env)  # the optimizer is built over the sharded parameters
+    optimizer = build_adamw(backbone, args.lr, args.weight_decay, tuple(args.opt_betas))
+    pos = restore_training_state(plan.ckpt, optimizer, scaler, env.rank, env.world_size, args.seed, plan.path,
+                                 model=backbone) if plan.kind == "train" else RunPosition()
     plan.ckpt = None  # set-up is done: the loaded (memory-mapped) checkpoint is released for the whole run
-    ddp = wrap_ddp(model, env)
     cfg = run_config(args, env.device, steps_per_epoch, autocast_dtype)
     if env.is_main:
         write_args_json(os.path.join(args.output_dir, "args.json"), args, argv, env.world_size,
@@ -306,19 +295,22 @@ def run(args, argv):
                          "steps_per_epoch": steps_per_epoch, "num_train": data.num_train, "num_val": data.num_val})
     data_state = {"tokenizer": tokenizer.to_state(), "image_preprocess": image_state}
 
-    def build_state(epoch, step_in_epoch, step):
-        with parked.attached():  # the whole model in every checkpoint
-            model_state = backbone.state_dict()
-        return training_state(model_state=model_state, model_config=backbone.config, optimizer=optimizer,
-                              scaler=scaler, position=RunPosition(epoch=epoch, step_in_epoch=step_in_epoch,
-                                                                  global_step=step),
-                              mode=args.mode, args=args, accum_iter=args.accum_iter, provided=provided,
-                              data_state=data_state)
+    def build_state(epoch, step_in_epoch, step, whole=False):
+        with parked.attached():  # the whole model in every checkpoint (FSDP: this rank's shards)
+            model_state = full_model_state(backbone) if whole and args.fsdp else backbone.state_dict()
+        state = training_state(model_state=model_state, model_config=backbone.config, optimizer=optimizer,
+                               scaler=scaler, position=RunPosition(epoch=epoch, step_in_epoch=step_in_epoch,
+                                                                   global_step=step),
+                               mode=args.mode, args=args, accum_iter=args.accum_iter, provided=provided,
+                               data_state=data_state)
+        if args.fsdp and not whole:  # keyed by parameter name, the sharded checkpoint's layout
+            state["optimizer"] = optimizer_state(backbone, optimizer)
+        return state
 
     trainer = Trainer(model=ddp, raw_model=model, optimizer=optimizer, scaler=scaler, cfg=cfg,
                       post_step=mode.post_step(backbone), monitor=mode.monitor(), run_log=RunLog(args.output_dir, args.log_dir, env.is_main),
                       checkpointer=Checkpointer(args.output_dir, build_state, env.device, args.save_per_epochs,
-                                                args.save_every_steps, args.save_every_minutes),
+                                                args.save_every_steps, args.save_every_minutes, sharded=args.fsdp),
                       preemption=watch, bad_samples=BadSampleLog(args.output_dir, env.rank))
     eval_sets = mode.eval_sets(data, tokenizer, image_state, env.rank, env.world_size)
     if pos.epoch >= args.epochs:
@@ -328,26 +320,26 @@ def run(args, argv):
     started, global_step, start_step = time.time(), pos.global_step, pos.step_in_epoch
     try:
         if args.eval_first and eval_sets and global_step == 0:
-            held_out(eval_sets, backbone, cfg, 0, 0, trainer.run_log)
+            du.call_whole(model, held_out, eval_sets, backbone, cfg, 0, 0, trainer.run_log)
         for epoch in range(pos.epoch, args.epochs):
             data.train_sampler.set_epoch(epoch, start=start_step * args.accum_iter * args.batch_size)
             global_step = train_one_epoch(trainer, data.train_loader, epoch, start_step, global_step)
             start_step = 0
             with watch.holding():  # evaluation and the save run to their end, a signal waits for them
                 if eval_sets:
-                    held_out(eval_sets, backbone, cfg, epoch + 1, global_step, trainer.run_log)
+                    du.call_whole(model, held_out, eval_sets, backbone, cfg, epoch + 1, global_step, trainer.run_log)
                 trainer.checkpointer.end_of_epoch(epoch, args.epochs, global_step)
             if epoch + 1 < args.epochs and watch.pending():
                 stop_for_preemption(trainer, epoch + 1, 0, global_step, saved=True)
     finally:
         watch.finish()
         trainer.run_log.close()
-    if args.save_merged_lora_model and args.lora_rank > 0 and env.is_main:
+    if args.save_merged_lora_model and args.lora_rank > 0:
         from util.merge_lora import write_merged
-        dst = os.path.join(args.output_dir, "checkpoint-merged.pth")
-        rep = write_merged(build_state(args.epochs, 0, global_step), dst,
-                           source=os.path.join(args.output_dir, "checkpoint-latest.pth"))
-        LOG.info(f"merged {len(rep['layers'])} LoRA layers (rank {rep['rank']}, alpha {rep['alpha']:g}) -> {dst}")
+        dst, final = os.path.join(args.output_dir, "checkpoint-merged.pth"), build_state(args.epochs, 0, global_step, True)
+        if env.is_main:  # (FSDP: every rank took part in gathering the whole weights)
+            rep = write_merged(final, dst, source=os.path.join(args.output_dir, LATEST_SHARDED if args.fsdp else LATEST))
+            LOG.info(f"merged {len(rep['layers'])} LoRA layers (rank {rep['rank']}, alpha {rep['alpha']:g}) -> {dst}")
     LOG.info(f"done in {(time.time() - started) / 60:.1f} min; checkpoints in {args.output_dir}")
     return 0
 

@@ -109,3 +109,31 @@ def tokenizer_from_any_state(state):
     from custom_datasets.tokenizer import tokenizer_from_state
 
     return tokenizer_from_state(state)
+
+
+def choose_tokenizer(path, default_path, do_lower_case, max_len, hf_folder=None, inherited=None, inherited_from=None,
+                     log=print):
+    """A run's tokenizer: the `inherited` state (a resumed checkpoint's, from `inherited_from`), else the Hugging
+    Face `hf_folder` of a model's text tower, else the file or folder `path` (--tokenizer; `default_path` when
+    None); each choice logged with one line, each failure a UserError naming its flag."""
+    from custom_datasets.tokenizer import load_tokenizer
+
+    if inherited:
+        log(f"tokenizer: inherited from {inherited_from}")
+        try:
+            return tokenizer_from_any_state(inherited)
+        except UserError as e:
+            raise UserError(f"--resume {inherited_from}: its tokenizer: {e}") from None
+    if hf_folder:
+        if path:
+            raise UserError("--tokenizer: a Hugging Face --text_tower uses its own folder's tokenizer; drop --tokenizer")
+        tok = HFTokenizer(hf_folder, max_len)
+        log(f"tokenizer: {hf_folder} ({tok.vocab_size} tokens, Hugging Face)")
+        return tok
+    path = path or default_path
+    try:
+        tok = load_tokenizer(path, do_lower_case=do_lower_case, max_len=max_len)
+    except UserError as e:
+        raise UserError(f"--tokenizer {path}: {e}") from None
+    log(f"tokenizer: {path} ({tok.vocab_size} tokens, lower case {tok.do_lower_case})")
+    return tok

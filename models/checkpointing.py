@@ -13,7 +13,7 @@ compile, then sharding):
 import torch
 import torch.utils.checkpoint as cp
 
-COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
+from util.config import COMPILE_BACKENDS
 
 
 def maybe_checkpoint(block, forward, *args, **kwargs):

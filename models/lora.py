@@ -64,9 +64,27 @@ def lora_layers(model):
 
 
 def self_regularization_loss(model, layers=None):
-    """model.reg_loss_weight * sum over adapted layers of sum((W0 * delta)^2)."""
+    """model.reg_loss_weight * sum over adapted layers of sum((W0 * delta)^2). Under FSDP the weights are sharded
+    DTensors outside the blocks' forwards: each layer's term is then summed over the ranks' shards (full_tensor),
+    so every rank has the whole term, as without sharding."""
+    from torch.distributed.tensor import DTensor
+
     layers = [m for _, m in lora_layers(model)] if layers is None else layers
-    return model.reg_loss_weight * torch.stack([m.self_regularization() for m in layers]).sum()
+    terms = [m.self_regularization() for m in layers]
+    terms = [t.full_tensor() if isinstance(t, DTensor) else t for t in terms]
+    return model.reg_loss_weight * torch.stack(terms).sum()
+
+
+def _add_sharded_gradient(term, layers):
+    """FSDP: the gradient of `term` (built from sharded DTensor weights) put straight into the adapters' sharded
+    .grad, where FSDP's reduce-scatter then adds the (rank-averaged) task gradient; every rank holds the whole term,
+    so its gradient is not averaged, as under DDP. Autograd through the blocks would mix layouts."""
+    params = [p for m in layers for p in (m.lora_A, m.lora_B) if p is not None and p.requires_grad]
+    grads = torch.autograd.grad(term, params, allow_unused=True)
+    for p, g in zip(params, grads):
+        if g is not None:
+            g = g.redistribute(p.device_mesh, p.placements)
+            p.grad = g if p.grad is None else p.grad + g
 
 
 def add_self_regularization(model, out, reg_scale):
@@ -81,6 +99,9 @@ def add_self_regularization(model, out, reg_scale):
         layers = model._reg_layers = [m for _, m in lora_layers(model)]
     if layers:
         reg = self_regularization_loss(model, layers)
+        if getattr(layers[0].weight, "device_mesh", None) is not None:  # sharded (FSDP)
+            _add_sharded_gradient(reg * reg_scale, layers)
+            reg = reg.detach()
         out["loss"] = out["loss"] + reg * reg_scale
         out["reg_loss"] = reg.detach()
     return out

@@ -137,6 +137,11 @@ class PretrainModel(nn.Module):
         self.backbone = backbone
         self.mode = mode  # not a module: holds no parameters (the dVAE stays outside the checkpoint)
 
+    def outside_forward(self, fn, *args, **kwargs):
+        """fn(*args, **kwargs): work on the backbone that is not the training forward (evaluation, a feature
+        cache); FSDP treats this method as a forward (models/sharding.py), so the weights are gathered for it."""
+        return fn(*args, **kwargs)
+
     @property
     def accumulate(self):
         return self.mode.accumulate

@@ -47,6 +47,7 @@ from models.trainable import on_image_path
 from models.vlmo import ITC_LOSSES
 from modes import register_mode
 from modes.base import PretrainData, PretrainMode
+from util import dist as du
 from util.errors import UserError
 from util.flag_checks import Bounded, fraction
 from util.itc_eval import retrieval_set, zero_shot_set
@@ -303,12 +304,15 @@ def accumulate_exactly(trainer, batches, nonfinite):
     model, raw, cfg, scaler = trainer.model, trainer.raw_model, trainer.cfg, trainer.scaler
     backbone, device = raw.backbone, cfg.device
     states, imgs, txts = [], [], []
-    with torch.no_grad(), autocast_context(device, cfg.autocast_dtype):
+
+    def cache_features():
         for b in batches:
             states.append(_rng_snapshot(device))
             img, txt = encode_pair(backbone, b)
             imgs.append(img.float())
             txts.append(txt.float())
+    with torch.no_grad(), autocast_context(device, cfg.autocast_dtype):
+        du.call_whole(model, cache_features)  # FSDP: the weights gathered as in a forward
     after = _rng_snapshot(device)
     # The whole-batch loss on the cached features: this rank's k*B rows against every rank's, as if each
     # rank held one batch of k*B (rows are per-row means, so DDP's average is the global mean).
@@ -326,8 +330,7 @@ def accumulate_exactly(trainer, batches, nonfinite):
         if last:
             b.update(itc_cached_image=frozen["image"], itc_cached_text=frozen["text"])
         _rng_restore(states[i], device)
-        sync = last or not hasattr(model, "no_sync")
-        with contextlib.nullcontext() if sync else model.no_sync(), autocast_context(device, cfg.autocast_dtype):
+        with du.gradient_sync(model, last), autocast_context(device, cfg.autocast_dtype):
             surrogate = model(b, loss_normalizer=1.0, reg_scale=1.0 if last else 0.0)  # the term once per step
         loss = surrogate.pop("loss")
         (scaler.scale(loss) if scaler is not None else loss).backward()

@@ -162,10 +162,10 @@ def _image_model(depth_decay=0.5, lora_rank=0):
 def test_layer_decay_groups_cover_each_trainable_parameter_once(lora_rank):
     model, decay, depth = _image_model(lora_rank=lora_rank), 0.5, 2
     groups = param_groups(model, 0.05, layer_decay_scale(depth, decay))
-    names = [n for g in groups for n in g["names"]]
+    names = [n for g in groups for n in g["param_names"]]
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert sorted(names) == sorted(trainable) and len(names) == len(set(names))
-    scale = {n: g["lr_scale"] for g in groups for n in g["names"]}
+    scale = {n: g["lr_scale"] for g in groups for n in g["param_names"]}
     expected_layer = {"backbone.patch_embed.proj.weight": 0, "backbone.cls_token": 0,
                       "backbone.blocks.0.norm1.weight": 1,
                       "backbone.blocks.0.attn.relative_position_bias_table": 1, "backbone.blocks.1.gamma_2": 2,

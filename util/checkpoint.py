@@ -151,11 +151,16 @@ def written_by_rank0(write, device):
 
 
 def remove_stale_partials(output_dir):
-    """Delete `*.tmp` files a killed writer left in `output_dir` (they can fill the disk the next save
-    needs); returns their names."""
+    """Delete `*.tmp` files and folders (a sharded checkpoint's) a killed writer left in `output_dir` (they can
+    fill the disk the next save needs); returns their names."""
+    import shutil
+
     stale = sorted(glob.glob(os.path.join(glob.escape(output_dir), "*.tmp")))
     for path in stale:
-        _remove(path)
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            _remove(path)
     return [os.path.basename(p) for p in stale]
 
 
@@ -195,7 +200,9 @@ def latest_in(output_dir):
 
 
 def is_training_checkpoint(obj):
-    return isinstance(obj, dict) and {"model", "optimizer", "epoch", "global_step"} <= set(obj)
+    """A run's full state: a single file, or the state of a sharded folder (util.sharded_checkpoint)."""
+    return isinstance(obj, dict) and {"epoch", "global_step"} <= set(obj) and \
+        ({"model", "optimizer"} <= set(obj) or bool(obj.get("sharded")))
 
 
 def extract_state_dict(obj):

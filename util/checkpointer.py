@@ -4,6 +4,8 @@ Triggers: every epoch end (`checkpoint-latest.pth`), a kept copy every `save_per
 `save_every_steps` optimizer steps, and every `save_every_minutes` of wall time. The time trigger is
 decided by rank 0 at log steps and broadcast, so ranks never disagree about entering a save (which
 gathers RNG states from every rank). A non-finite loss seen by any rank since the last save blocks it.
+`sharded` (an `--fsdp` run): every rank writes its shards into `checkpoint-latest.dcp/` (and `checkpoint-<N>.dcp/`
+for a kept copy), util/sharded_checkpoint.py; otherwise rank 0 writes the single files.
 """
 import os
 import time
@@ -14,6 +16,7 @@ from util import dist as du
 from util.checkpoint import LATEST, rng_state, save_atomic, written_by_rank0
 from util.errors import NonFiniteLoss
 from util.logger import LOG
+from util.sharded_checkpoint import LATEST_SHARDED, SUFFIX, copy_sharded, save_sharded
 
 
 class NonFiniteCheckpoint(NonFiniteLoss):
@@ -22,9 +25,10 @@ class NonFiniteCheckpoint(NonFiniteLoss):
 
 class Checkpointer:
     def __init__(self, output_dir, build_state, device, save_per_epochs=0, save_every_steps=0,
-                 save_every_minutes=0.0):
-        """build_state(epoch, step_in_epoch, global_step) -> dict of everything but the RNG states."""
-        self.output_dir, self.build_state, self.device = output_dir, build_state, device
+                 save_every_minutes=0.0, sharded=False):
+        """build_state(epoch, step_in_epoch, global_step) -> dict of everything but the RNG states (called on rank
+        0 only, or on every rank when `sharded`)."""
+        self.output_dir, self.build_state, self.device, self.sharded = output_dir, build_state, device, sharded
         self.save_per_epochs, self.save_every_steps = save_per_epochs, save_every_steps
         self.save_every_minutes = save_every_minutes
         self.last_save = time.monotonic()
@@ -52,6 +56,21 @@ class Checkpointer:
                 f"a non-finite loss occurred before global step {global_step}; not writing a checkpoint over the "
                 "last good one. Lower --blr, set --clip_grad, or check the data, then resume with --resume auto.")
         rngs = du.all_gather_objects(rng_state())
+        at = f"after epoch {epoch}" if step_in_epoch == 0 and epoch > 0 else \
+            f"epoch {epoch + 1}, {step_in_epoch} step(s) into it"
+        if self.sharded:
+            state = self.build_state(epoch, step_in_epoch, global_step)
+            state["rng"] = rngs
+            latest = os.path.join(self.output_dir, LATEST_SHARDED)
+            save_sharded(state, latest)
+            where = LATEST_SHARDED
+            if keep_name:
+                keep_name = keep_name.replace(".pth", SUFFIX)
+                copy_sharded(latest, os.path.join(self.output_dir, keep_name))
+                where += f" and {keep_name}"
+            LOG.info(f"saved {where} ({at}, global step {global_step}; every rank wrote its shards)")
+            self.last_save = time.monotonic()
+            return
 
         def write():
             state = self.build_state(epoch, step_in_epoch, global_step)
@@ -61,8 +80,6 @@ class Checkpointer:
             if keep_name:
                 save_atomic(state, os.path.join(self.output_dir, keep_name))
                 where += f" and {keep_name}"
-            at = f"after epoch {epoch}" if step_in_epoch == 0 and epoch > 0 else \
-                f"epoch {epoch + 1}, {step_in_epoch} step(s) into it"
             LOG.info(f"saved {where} ({at}, global step {global_step})")
 
         written_by_rank0(write, self.device)

@@ -41,6 +41,26 @@ def add_run_args(group):
     group.add_argument("--dist_backend", default=None, help="default: nccl with CUDA, gloo on CPU")
 
 
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
+
+
+def add_scale_args(group, fsdp=False):
+    """The opt-in scale levers (models/checkpointing.py, models/sharding.py), applied in this order."""
+    from util.flag_checks import Bounded
+
+    group.add_argument("--grad_checkpointing", type=Bounded(int, 0), nargs="?", const=1, default=0, metavar="K",
+                       help="activation checkpointing of every K-th block (the flag alone: every block): less "
+                            "activation memory for about one more forward")
+    group.add_argument("--compile", nargs="?", const="inductor", default=None, choices=COMPILE_BACKENDS,
+                       help="torch.compile each transformer block (the flag alone: inductor; aot_eager to check a "
+                            "model compiles without code generation), after activation checkpointing")
+    if fsdp:
+        group.add_argument("--fsdp", action="store_true",
+                           help="FSDP2: shard parameters, gradients and optimizer state over the ranks (each block, "
+                                "then the root) instead of DDP; checkpoints become sharded folders (*.dcp) that "
+                                "every rank writes; util/convert_dcp.py converts to one file and back")
+
+
 def add_optimizer_args(group, epochs, warmup_epochs, blr, betas):
     """Optimisation flags of both entry points (defaults differ between pretraining and fine-tuning)."""
     group.add_argument("--batch_size", type=positive_int(), default=64, help="per process, per accumulation step")

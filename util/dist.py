@@ -1,4 +1,5 @@
 """Distributed setup for torchrun and SLURM (srun) environments; nccl on CUDA, gloo on CPU."""
+import contextlib
 import os
 import re
 from dataclasses import dataclass
@@ -191,3 +192,69 @@ def gather_rows_in_index_order(local):
     for r, (part, c) in enumerate(zip(parts, all_counts)):
         out[r::world] = part[: int(c.item())]
     return out
+
+
+def clip_grad_norm(params, max_norm):
+    """torch.nn.utils.clip_grad_norm_ over gradients that may be sharded (FSDP's DTensors: each rank holds a
+    part, the squares of the parts are summed over the ranks) or whole (plain tensors, the same on every rank);
+    returns the total norm (a tensor on the gradients' device, no host sync)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    from torch.distributed.tensor import DTensor
+
+    if not any(isinstance(g, DTensor) for g in grads):
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+    sharded = sum(g.float().pow(2).sum() for g, full in zip(local, grads) if isinstance(full, DTensor))
+    dist.all_reduce(sharded)
+    whole = [g for g, full in zip(local, grads) if not isinstance(full, DTensor)]
+    total = (sharded + sum(g.float().pow(2).sum() for g in whole)).sqrt()
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for g in local:
+        g.mul_(coef.to(g.dtype))
+    return total
+
+
+def is_sharded(model):
+    """Whether `model` is FSDP2-sharded (models/sharding.py)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def finish_gradients(model):
+    """Average over the ranks, in one all-reduce, the gradients of the parameters a sharded model keeps whole
+    (its scalars, `_replicated_params`); call once per optimizer step, after the last backward. No-op otherwise."""
+    params = [p for p in getattr(model, "_replicated_params", []) if p.grad is not None]
+    if not params or world_size() == 1:
+        return
+    flat = torch.stack([p.grad.reshape(()) for p in params])
+    dist.all_reduce(flat)
+    flat /= world_size()
+    for p, g in zip(params, flat):
+        p.grad.copy_(g)
+
+
+@contextlib.contextmanager
+def gradient_sync(model, sync):
+    """Inside: backward passes reduce gradients across ranks only when `sync` (the last micro-batch of an
+    optimizer step): DDP's no_sync, FSDP's set_requires_gradient_sync, nothing for a single process."""
+    if sync or not (is_sharded(model) or hasattr(model, "no_sync")):
+        yield
+    elif is_sharded(model):
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        with model.no_sync():
+            yield
+
+
+def call_whole(model, fn, *args, **kwargs):
+    """fn(*args, **kwargs) with a sharded model's parameters available as in its forward (for work that is not the
+    root's forward: evaluation, a feature cache), through the root's registered `outside_forward`; a plain call
+    for any other model."""
+    if is_sharded(model):
+        return model.outside_forward(fn, *args, **kwargs)
+    return fn(*args, **kwargs)

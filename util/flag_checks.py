@@ -90,7 +90,7 @@ def check_config_values(parser, args, config_path):
 
 def check_paths(args, flags):
     """Every file or folder these flags name exists (contents are read once the run starts); `--resume`, when
-    given and not 'auto', must be a file. A {000..009} shard pattern is expanded and checked later."""
+    given and not 'auto', must be a file or a sharded checkpoint folder. A {000..009} shard pattern is expanded and checked later."""
     for flag in flags:
         path = getattr(args, flag, None)
         if path and not os.path.exists(path) and "{" not in path:
@@ -98,9 +98,13 @@ def check_paths(args, flags):
     resume = getattr(args, "resume", "")
     if resume and resume != "auto" and not os.path.isfile(resume):
         from util.resume import has_own_checkpoint
+        from util.sharded_checkpoint import is_sharded
+
+        if is_sharded(resume):
+            return
 
         if not has_own_checkpoint(getattr(args, "output_dir", None)):  # a requeued run needs it no more
-            raise UserError(f"--resume {resume}: no such file (a checkpoint file, or 'auto')")
+            raise UserError(f"--resume {resume}: no such file (a checkpoint file, a sharded checkpoint folder, or 'auto')")
 
 
 def check_output_dir(path, flag="--output_dir"):

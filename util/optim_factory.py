@@ -17,15 +17,16 @@ def param_groups(model, weight_decay, lr_scale_of=None):
             continue
         decay = 0.0 if skips_weight_decay(name, p) else weight_decay
         scale = lr_scale_of(name) if lr_scale_of else 1.0
-        g = groups.setdefault((decay, scale), {"params": [], "names": [], "weight_decay": decay, "lr_scale": scale})
+        g = groups.setdefault((decay, scale), {"params": [], "param_names": [], "weight_decay": decay,
+                                               "lr_scale": scale})
         g["params"].append(p)
-        g["names"].append(name)
+        g["param_names"].append(name)
     return list(groups.values())
 
 
 def build_adamw(model, lr, weight_decay, betas=(0.9, 0.95), lr_scale_of=None):
+    """AdamW over `model`'s trainable parameters; the groups keep their `param_names` (saved in the optimizer's
+    state dict, so a checkpoint's optimizer state can be matched by name: util.sharded_checkpoint)."""
     groups = param_groups(model, weight_decay, lr_scale_of)
-    for g in groups:
-        g.pop("names")
     fused = next(model.parameters()).is_cuda
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)

@@ -2,8 +2,10 @@
 weights-only initialisation. A training checkpoint in the output folder always wins, so a requeued job
 continues instead of restarting from the weights named by `--resume`.
 
-The run's own checkpoints are tried newest first: `checkpoint-latest.pth`, then the kept
-`checkpoint-<epoch>.pth` copies ordered by the `global_step` stored inside. One that cannot be read or
+The run's own checkpoints are tried newest first: the latest ones (`checkpoint-latest.pth`, and an `--fsdp`
+run's sharded folder `checkpoint-latest.dcp`, or `checkpoint-latest.dcp.old` when a crash fell inside its
+swap), then the kept `checkpoint-<epoch>.pth` / `.dcp` copies, each group ordered by the `global_step` stored
+inside. Either format resumes with or without `--fsdp` (util/sharded_checkpoint.py). One that cannot be read or
 fails its checksum is skipped with one line saying which and why; rank 0 reads and verifies, every rank
 then loads the file it chose (the others would only repeat the checksum).
 """
@@ -17,8 +19,10 @@ from util import dist as du
 from util.checkpoint import CorruptCheckpoint, extract_state_dict, is_training_checkpoint, latest_in, load_file
 from util.errors import UserError
 from util.logger import LOG
+from util.sharded_checkpoint import LATEST_SHARDED, STATE_FILE, is_sharded, load_sharded
 
-_KEPT = re.compile(r"^checkpoint-(\d+)\.pth$")
+_KEPT = re.compile(r"^checkpoint-(\d+)\.(pth|dcp)$")
+_LATEST_SHARDED = (LATEST_SHARDED, LATEST_SHARDED + ".old")
 
 
 @dataclass
@@ -33,17 +37,23 @@ class ResumePlan:
         return extract_state_dict(self.ckpt) if self.ckpt is not None else None
 
 
+def read_checkpoint(path, flag, verify=True):
+    """A single-file checkpoint, or the non-tensor state of a sharded folder (its files verified)."""
+    return load_sharded(path, flag, verify) if os.path.isdir(path) else load_file(path, flag, verify)
+
+
 def _stored_step(path):
-    """The global_step a kept checkpoint holds (read lazily: tensors are memory-mapped, not loaded)."""
+    """The global_step a checkpoint holds (read lazily: tensors are memory-mapped, not loaded)."""
     try:
-        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+        file = os.path.join(path, STATE_FILE) if os.path.isdir(path) else path
+        return int(torch.load(file, map_location="cpu", weights_only=True, mmap=True)["global_step"])
     except Exception:  # noqa: BLE001 - unreadable: tried last, and skipped with its reason then
         return -1
 
 
 def _has_own(output_dir):
     """Whether the folder holds any checkpoint of the run (names only: no file is read on any rank)."""
-    return latest_in(output_dir) is not None or any(_KEPT.match(n) for n in os.listdir(output_dir))
+    return bool(own_candidates(output_dir, read=False))
 
 
 def has_own_checkpoint(output_dir):
@@ -51,12 +61,16 @@ def has_own_checkpoint(output_dir):
     return bool(output_dir) and os.path.isdir(output_dir) and _has_own(output_dir)
 
 
-def own_candidates(output_dir):
-    """The run's training checkpoints in the order they are tried: latest, then kept copies by stored step."""
+def own_candidates(output_dir, read=True):
+    """The run's training checkpoints in the order they are tried: the latest ones, then kept copies, each by
+    stored step (`read` False: names only, unordered)."""
     kept = [os.path.join(output_dir, n) for n in os.listdir(output_dir) if _KEPT.match(n)]
-    kept.sort(key=lambda p: (_stored_step(p), p), reverse=True)
-    latest = latest_in(output_dir)
-    return ([latest] if latest else []) + kept
+    latest = [p for p in [latest_in(output_dir)] + [os.path.join(output_dir, n) for n in _LATEST_SHARDED]
+              if p and (os.path.isfile(p) or is_sharded(p))]
+    if read:
+        for group in (latest, kept):
+            group.sort(key=lambda p: (_stored_step(p), p), reverse=True)
+    return latest + kept
 
 
 def _choose_own(output_dir):
@@ -65,7 +79,7 @@ def _choose_own(output_dir):
     skipped = []
     for path in own_candidates(output_dir):
         try:
-            ckpt = load_file(path, "--output_dir")
+            ckpt = read_checkpoint(path, "--output_dir")
         except CorruptCheckpoint as e:
             skipped.append((path, str(e)))
             continue
@@ -89,7 +103,7 @@ def load_own(output_dir):
                         f"({'; '.join(why for _, why in skipped)}); restore one, or move the folder away to "
                         "start fresh")
     if ckpt is None:  # ranks other than 0: the file rank 0 verified
-        ckpt = load_file(path, "--output_dir", verify=False)
+        ckpt = read_checkpoint(path, "--output_dir", verify=False)
     return path, ckpt
 
 
@@ -108,9 +122,13 @@ def plan_resume(output_dir, resume, mode):
         return ResumePlan("none")
     if resume == "auto":
         return ResumePlan("none", reason=f"--resume auto: no checkpoint in {output_dir}, starting fresh")
-    ckpt = load_file(resume, "--resume")
+    ckpt = read_checkpoint(resume, "--resume")
     if is_training_checkpoint(ckpt) and ckpt.get("mode") == mode:
         return ResumePlan("train", resume, ckpt, f"resuming the training state of {resume}")
+    if isinstance(ckpt, dict) and ckpt.get("sharded"):
+        raise UserError(f"--resume {resume}: a sharded checkpoint of a {ckpt.get('mode')} run; to start a new stage "
+                        f"from its weights, convert it to one file first: python util/convert_dcp.py --src {resume} "
+                        "--dst weights.pth, then --resume weights.pth")
     if extract_state_dict(ckpt) is None:
         raise UserError(f"--resume {resume}: no model weights found (expected a state dict, possibly under "
                         "'model', 'module' or 'state_dict')")

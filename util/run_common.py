@@ -36,7 +36,7 @@ def optimizer_step(optimizer, scaler, trainable, clip_grad, need_grad_norm, post
         scaler.unscale_(optimizer)
     grad_norm = None
     if clip_grad or need_grad_norm:
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, clip_grad or float("inf"))
+        grad_norm = du.clip_grad_norm(trainable, clip_grad or float("inf"))
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
@@ -185,15 +185,21 @@ def training_state(*, model_state, model_config, optimizer, scaler, position, mo
             "provided_keys": list(provided), **data_state, **(extra or {})}
 
 
-def restore_training_state(ckpt, optimizer, scaler, rank, world_size, seed, path="the checkpoint"):
+def restore_training_state(ckpt, optimizer, scaler, rank, world_size, seed, path="the checkpoint", model=None):
     """Optimizer, scaler and this rank's RNG state from a training checkpoint; returns its RunPosition. Saved by
     another number of ranks, the RNG states cannot be matched to ranks: each rank starts its own stream from
-    (seed, global step, rank) instead of reusing another rank's."""
+    (seed, global step, rank) instead of reusing another rank's. With `model` (the module the optimizer's
+    parameter names refer to), either checkpoint format fits a sharded or unsharded run
+    (util.sharded_checkpoint.load_optimizer_state)."""
     from util.checkpoint import set_rng_state
+    from util.sharded_checkpoint import load_optimizer_state
 
     try:
-        optimizer.load_state_dict(ckpt["optimizer"])
-    except ValueError as e:  # the checkpoint trained another set of parameters
+        if model is None:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        else:
+            load_optimizer_state(ckpt, model, optimizer)
+    except (ValueError, KeyError) as e:  # the checkpoint trained another set of parameters
         raise UserError(f"--resume {path}: its optimizer state does not fit this run's trainable parameters ({e}): it continues "
                         "only with the flags it was trained with (--lock_image, --lora_rank, --mode, ...); to start "
                         "a new stage from its weights, save them alone (torch.save({'model': ckpt['model'], "
