@@ -171,7 +171,8 @@ def stop_for_preemption(trainer, epoch, step_in_epoch, global_step, saved=False)
         with _holding(trainer):
             trainer.checkpointer.save(epoch, step_in_epoch, global_step)
     what = trainer.preemption.received or "a signal received by another rank"
-    raise Preempted(f"{what}: checkpoint-latest.pth holds global step {global_step}; the same command (or "
+    latest = getattr(trainer.checkpointer, "latest_name", "checkpoint-latest.pth")
+    raise Preempted(f"{what}: {latest} holds global step {global_step}; the same command (or "
                     "--resume auto) continues from it")
 
 

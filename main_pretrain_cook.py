@@ -14,7 +14,7 @@ from engine_pretrain import Trainer, held_out, run_config, stop_for_preemption, 
 from models.checkpointing import apply_block_options
 from models.loading import load_weights, model_for_resume
 from models.parking import park_off_path
-from models.sharding import shard_model
+from models.sharding import describe_shards, shard_model
 from models.registry import (DUAL_ENCODER, check_overrides, create_model, model_config, model_names, model_options,
                              patch_grid, switches_of)
 from models.trainable import configure_trainable
@@ -159,6 +159,8 @@ def parse_args(argv=None):
     except ValueError as e:
         flag = "--model_kwargs img_size" if "img_size" in args.model_kwargs else "--img_size"
         raise UserError(f"{flag} {e}") from None
+    if args.fsdp and args.precision == "fp16":
+        raise UserError("--precision fp16 with --fsdp: sharded training uses bf16 (or fp32); pick --precision bf16")
     if not args.data_path:
         raise UserError("--data_path is required (on the command line or in the --config file)")
     check_paths(args, ("data_path", "val_data_path", "image_tower_weights", "zeroshot_data_path",
@@ -284,6 +286,8 @@ def run(args, argv):
     autocast_dtype, scaler = autocast_setup(args.precision, env.device)
     ddp = shard_model(model, autocast_dtype if env.device.type == "cuda" else None) if args.fsdp else \
         wrap_ddp(model, env)  # the optimizer is built over the sharded parameters
+    if args.fsdp:
+        LOG.info(describe_shards(model))
     optimizer = build_adamw(backbone, args.lr, args.weight_decay, tuple(args.opt_betas))
     pos = restore_training_state(plan.ckpt, optimizer, scaler, env.rank, env.world_size, args.seed, plan.path,
                                  model=backbone) if plan.kind == "train" else RunPosition()

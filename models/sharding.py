@@ -33,3 +33,13 @@ def shard_model(model, param_dtype=None):
     register_fsdp_forward_method(model, "outside_forward")
     model._replicated_params = [p for p in model.parameters() if p.ndim == 0 and p.requires_grad]
     return model
+
+
+def describe_shards(model):
+    """One line: how much of the parameters this rank holds."""
+    from torch.distributed.tensor import DTensor
+
+    local = sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in model.parameters())
+    total = sum(p.numel() for p in model.parameters())
+    return (f"FSDP: {sum(len(b) for b in _block_lists(model))} blocks and the root sharded; this rank holds "
+            f"{local / 1e6:.3f}M of {total / 1e6:.3f}M parameters (and their gradients and optimizer state)")

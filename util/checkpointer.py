@@ -29,6 +29,7 @@ class Checkpointer:
         """build_state(epoch, step_in_epoch, global_step) -> dict of everything but the RNG states (called on rank
         0 only, or on every rank when `sharded`)."""
         self.output_dir, self.build_state, self.device, self.sharded = output_dir, build_state, device, sharded
+        self.latest_name = LATEST_SHARDED if sharded else LATEST
         self.save_per_epochs, self.save_every_steps = save_per_epochs, save_every_steps
         self.save_every_minutes = save_every_minutes
         self.last_save = time.monotonic()

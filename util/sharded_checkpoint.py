@@ -14,9 +14,11 @@ util.resume finds); a failed write on any rank makes every rank raise WriteFaile
 partial folder; reading verifies every file against `checksums.json`. DCP reshards on load, so a folder
 written by N ranks resumes on any number of ranks, with or without `--fsdp`.
 """
+import contextlib
 import json
 import os
 import shutil
+import warnings
 import zlib
 
 import torch
@@ -63,6 +65,15 @@ def _together(action, path):
         raise WriteFailed(f"{reasons[0]} writing {path} (the previous checkpoint, if any, is intact)")
 
 
+@contextlib.contextmanager
+def _single_process_quiet(distributed):
+    """DCP warns that it assumes a single process when no process group exists: in one process, that is the intent."""
+    with warnings.catch_warnings():
+        if not distributed:
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 def swap_into_place(tmp, path):
     """Rename the complete folder `tmp` to `path`; a previous `path` is moved aside first and removed after."""
     old = f"{path}.old"
@@ -89,7 +100,8 @@ def save_sharded(state, path, distributed=True):
     crcs = {}
 
     def write():
-        dcp.save(tensors, checkpoint_id=tmp, no_dist=not distributed)
+        with _single_process_quiet(distributed):
+            dcp.save(tensors, checkpoint_id=tmp, no_dist=not distributed)
         mine = [n for n in os.listdir(tmp) if n.startswith(f"__{rank}_") or (rank == 0 and n == ".metadata")]
         crcs.update({n: file_crc(os.path.join(tmp, n)) for n in mine})
     _together(write, path)
@@ -245,5 +257,6 @@ def tensors_of(path):
 
     with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(path))) as tmp:
         out = os.path.join(tmp, "tensors.pth")
-        dcp_to_torch_save(path, out)
+        with _single_process_quiet(False):
+            dcp_to_torch_save(path, out)
         return torch.load(out, map_location="cpu", weights_only=True)
