@@ -14,10 +14,10 @@ import os
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import trunc_normal_
 
 from models.embeddings import TextEmbeddings
 from models.image_tower import image_tower as _image_tower
+from models.layers import trunc_normal_
 from models.lora import LoRALinear, self_regularization_loss, swap_in_lora_linears
 from models.multiway_block import LayerNorm, MultiwayBlock
 from models.vlmo import ITC_LOSSES

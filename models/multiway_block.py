@@ -8,10 +8,10 @@ from functools import partial
 
 import torch
 import torch.nn as nn
-from timm.layers import DropPath
 
 from models.attention import Attention
 from models.checkpointing import maybe_checkpoint
+from models.layers import DropPath
 from models.lora import LoRALinear
 
 LayerNorm = partial(nn.LayerNorm, eps=1e-6)

@@ -24,7 +24,10 @@ def shard_model(model, param_dtype=None):
     compute dtype of the parameters, gradients are reduced in fp32. Returns `model` (sharded in place)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
-    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
+    # Inputs keep their dtype (autocast decides the compute dtype, as under DDP): a cast of the forward's inputs
+    # would round the fp32 loss normaliser, the cached contrastive features and the residual stream to bf16.
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None,
+                                  cast_forward_inputs=False)
     scalars = {p for p in model.parameters() if p.ndim == 0}
     for blocks in _block_lists(model):
         for block in blocks:
@@ -32,6 +35,7 @@ def shard_model(model, param_dtype=None):
     fully_shard(model, mp_policy=policy, ignored_params=scalars)
     register_fsdp_forward_method(model, "outside_forward")
     model._replicated_params = [p for p in model.parameters() if p.ndim == 0 and p.requires_grad]
+    model._compute_dtype = param_dtype
     return model
 
 

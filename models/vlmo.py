@@ -4,10 +4,10 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import trunc_normal_
 
 from models.embeddings import PatchEmbed, TextEmbeddings
 from models.heads import MLMHead
+from models.layers import trunc_normal_
 from models.lora import LoRALinear, self_regularization_loss
 from models.multiway_block import LayerNorm, MultiwayBlock
 

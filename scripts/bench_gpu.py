@@ -3,14 +3,15 @@ peak memory and MFU of one training step (forward, backward, AdamW) in bf16 auto
 image_mim) and open_clip's CLIP (for image_text_itc) of the same width and depth in the same process; the bf16
 matmul throughput it measures first (the MFU denominator); which SDPA kernels accept our attention inputs (a
 float relative-position bias with padding folded in) and their speed; and one step of each mode under
-`torch.cuda.set_sync_debug_mode("error")` (any host-device synchronisation in the step raises).
+`torch.cuda.set_sync_debug_mode("error")` (any host-device synchronisation in the step raises). With `--levers`,
+each scale lever (activation checkpointing, per-block inductor compile, FSDP2) on its own, against the step without.
 
 Model FLOPs are counted from the architecture (training = 3 x forward): per token and layer 24 D^2 for the
 projections and MLP (mlp_ratio 4) plus 4 L D for attention, plus the heads (MLM decoder on the masked tokens,
 MIM head on the masked patches, ITC projections); MFU = model FLOPs per second / measured matmul FLOPs per second.
 Without CUDA it runs the same on the CPU in fp32 (MFU then against the CPU's fp32 matmul).
 
-    python scripts/bench_gpu.py --model vlmo_base_patch16 --batch_size 64
+    python scripts/bench_gpu.py --model vlmo_base_patch16 --batch_size 64 [--levers]
 """
 import argparse
 import json
@@ -145,7 +146,11 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument("--no_reference", action="store_true", help="skip timm / open_clip")
+    p.add_argument("--levers", nargs="*", default=[], choices=LEVERS,
+                   help="also time each of these scale levers on its own (the flag alone: all)")
     a = p.parse_args(argv)
+    if a.levers == [] and "--levers" in (argv if argv is not None else sys.argv[1:]):
+        a.levers = list(LEVERS)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else None
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
@@ -172,7 +177,45 @@ def main(argv=None):
                   f"{sps / ref_sps:.2f}x")
         if mode == "image_mim":
             print(f"{'':15s} SDPA kernels on our biased attention: {sdpa_kernels(model, batch, device, dtype)}")
+        for lever in a.levers:
+            lever_sps, lever_mem, first = measure_lever(lever, a, mode, batch, device, dtype)
+            print(f"{'':15s} {lever:18s} {lever_sps:9.1f} samples/s ({lever_sps / sps:.2f}x without)  peak {lever_mem:6.2f} "
+                  f"GiB ({lever_mem - mem:+.2f})  first step {first:.1f} s")
     return 0
+
+
+LEVERS = ("grad_checkpointing", "compile", "fsdp")
+
+
+def measure_lever(lever, a, mode, batch, device, dtype):
+    """(samples/s, peak GiB, seconds of the first step) of the mode's step with one scale lever on, a fresh model.
+    fsdp runs in a one-rank process group: FSDP2's gathers and reduce-scatters on one chip, its overhead only (the
+    memory it saves grows with the number of ranks)."""
+    import tempfile
+
+    import torch.distributed as dist
+
+    from models.checkpointing import compile_blocks, set_grad_checkpointing
+    from models.sharding import shard_model
+
+    torch.manual_seed(0)
+    model = create_model(a.model, itc_loss="clip", **json.loads(a.model_kwargs)).to(device)
+    configure_trainable(model, mode)
+    if lever == "grad_checkpointing":
+        set_grad_checkpointing(model, 1)
+    if lever == "compile":
+        compile_blocks(model, "inductor")
+    step_model = pretrain_model(model, mode)
+    if lever == "fsdp" and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1,
+                                init_method=f"file://{tempfile.mktemp()}")
+    if lever == "fsdp":
+        shard_model(step_model, dtype)
+    start = time.perf_counter()
+    measure(step_model, batch, 1, 0, device, dtype)  # the first step: compiles, initialises FSDP
+    first = time.perf_counter() - start
+    sps, mem = measure(step_model, batch, a.steps, a.warmup, device, dtype)
+    return sps, mem, first
 
 
 if __name__ == "__main__":

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-from timm.layers import trunc_normal_
 
+from models.layers import trunc_normal_
 from models.loading import load_pretrained_weights
 from models.trainable import configure_trainable, tower_of
 

@@ -6,16 +6,20 @@ import errno
 import os
 import shutil
 import signal
+import sys
 
 import pytest
 import torch
 
-from models.registry import create_model
-from run_helpers import finish, load_ckpt, logged_steps, make_caption_data, run_entry, start_entry, wait_for
-from util import convert_dcp
-from util.errors import WriteFailed
-from util.resume import plan_resume
-from util.sharded_checkpoint import CHECKSUMS, LATEST_SHARDED, load_sharded, save_sharded
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from models.registry import create_model  # noqa: E402
+from run_helpers import (finish, load_ckpt, logged_steps, make_caption_data, run_entry, start_entry,  # noqa: E402
+                         wait_for)
+from util import convert_dcp  # noqa: E402
+from util.errors import WriteFailed  # noqa: E402
+from util.resume import plan_resume  # noqa: E402
+from util.sharded_checkpoint import CHECKSUMS, LATEST_SHARDED, load_sharded, save_sharded  # noqa: E402
 
 # fp32 on CPU: sharding changes the summation order of the reductions (and of the gradient norm), nothing else.
 ATOL = 2e-5
@@ -60,10 +64,21 @@ def _assert_states(a, b, atol=0.0):
             torch.testing.assert_close(sa[k], b["optimizer"]["state"][i][k], atol=atol, rtol=0, msg=f"{i} {k}")
 
 
+def max_differences(a, b):
+    """(largest |a - b| over the model tensors, over the optimizer state tensors) of two single-file checkpoints."""
+    model = max((a["model"][k].float() - b["model"][k].float()).abs().max().item() for k in b["model"])
+    opt = max((sa[k].float() - b["optimizer"]["state"][i][k].float()).abs().max().item()
+              for i, sa in a["optimizer"]["state"].items() for k in sa)
+    return model, opt
+
+
 @pytest.fixture(scope="module")
 def runs(data, tmp_path_factory):
+    return mlm_runs(data, tmp_path_factory.mktemp("fsdp_runs"))
+
+
+def mlm_runs(data, root):
     """DDP at batch 4 per rank, FSDP at 2 x 2 accumulation steps per rank: the same global batch of 8."""
-    root = tmp_path_factory.mktemp("fsdp_runs")
     ddp, fsdp = str(root / "ddp"), str(root / "fsdp")
     run_entry("main_pretrain_cook.py", _mlm_args(data, ddp, 4, 1), nproc=2)
     proc = run_entry("main_pretrain_cook.py", _mlm_args(data, fsdp, 2, 2, ["--fsdp", "--save_per_epochs", "1"]), nproc=2)
@@ -80,26 +95,33 @@ def test_fsdp_equals_ddp_on_the_same_global_batch(runs):
     assert lora_b and max(runs["ddp"]["model"][k].abs().max() for k in lora_b) > 100 * ATOL  # training moved them
 
 
-def test_fsdp_itc_with_accumulation_equals_ddp(demo_data, tmp_path):
+def test_fsdp_itc_with_accumulation_equals_one_process(demo_data, tmp_path):
     """SigLIP: the scalar temperature and bias stay whole (averaged once per step), the accumulation's feature
-    cache runs outside the root's forward, clipping is on by default; zero-shot evaluation on every rank."""
-    d = demo_data
+    cache runs outside the root's forward, clipping is on by default; zero-shot evaluation on every rank. The
+    reference is one process on the whole batch (equal to DDP: tests/test_itc_accumulation.py)."""
+    ddp, fsdp, held = itc_runs(demo_data, tmp_path)
+    for k in ddp["model"]:
+        torch.testing.assert_close(fsdp["model"][k], ddp["model"][k], atol=ATOL, rtol=0, msg=k)
+    assert abs(float(ddp["model"]["logit_bias"]) - float(fsdp["model"]["logit_bias"])) < ATOL
+    assert held[0] == held[1] and "zeroshot_top1" in held[0][0]
+
+
+def itc_runs(d, tmp_path):
+    """(1-process checkpoint, FSDP checkpoint as one file, [each run's held-out lines]) of SigLIP at a global batch
+    of 8, one epoch."""
     common = ["--exp_name", "image_text_itc", "--model", "vlmo_tiny_patch16", "--data_path", str(d["pairs_train"]),
               "--val_data_path", str(d["pairs_val"]), "--zeroshot_data_path", str(d["images_val"]),
               "--zeroshot_classnames", str(d["classnames"]), "--zeroshot_templates", str(d["templates"]),
-              "--tokenizer", str(d["tokenizer"]), "--epochs", "2", "--warmup_epochs", "0.5", "--lr", "1e-3",
+              "--tokenizer", str(d["tokenizer"]), "--epochs", "1", "--warmup_epochs", "0.5", "--lr", "1e-3",
               "--drop_path", "0", "--num_workers", "0", "--log_freq", "2", "--itc_loss", "siglip"]
-    run_entry("main_pretrain_cook.py", [*common, "--batch_size", "4", "--output_dir", str(tmp_path / "ddp")], nproc=2)
+    run_entry("main_pretrain_cook.py", [*common, "--batch_size", "8", "--output_dir", str(tmp_path / "ddp")])
     run_entry("main_pretrain_cook.py", [*common, "--batch_size", "2", "--accum_iter", "2", "--fsdp", "--output_dir",
                                         str(tmp_path / "fsdp")], nproc=2)
     ddp = load_ckpt(str(tmp_path / "ddp" / "checkpoint-latest.pth"))
     fsdp = _as_file(str(tmp_path / "fsdp" / LATEST_SHARDED), str(tmp_path / "fsdp.pth"))
-    for k in ddp["model"]:
-        torch.testing.assert_close(fsdp["model"][k], ddp["model"][k], atol=ATOL, rtol=0, msg=k)
-    assert abs(float(ddp["model"]["logit_bias"]) - float(fsdp["model"]["logit_bias"])) < ATOL
     lines = [(tmp_path / run / "console.log").read_text().splitlines() for run in ("ddp", "fsdp")]
-    held = [[ln.split("held-out after epoch 2: ")[1] for ln in log if "held-out after epoch 2" in ln] for log in lines]
-    assert held[0] == held[1] and "zeroshot_top1" in held[0][0]
+    held = [[ln.split("held-out after epoch 1: ")[1] for ln in log if "held-out after epoch 1" in ln] for log in lines]
+    return ddp, fsdp, held
 
 
 def test_a_preempted_fsdp_run_resumes_bitwise_with_resume_auto(data, runs, tmp_path):
@@ -124,14 +146,19 @@ def test_a_preempted_fsdp_run_resumes_bitwise_with_resume_auto(data, runs, tmp_p
 def test_a_sharded_checkpoint_resumes_in_one_unsharded_process(data, runs, tmp_path):
     """Written by 2 FSDP ranks at the end of epoch 1, continued by 1 process without --fsdp (DCP reshards; the
     effective batch is kept through --accum_iter)."""
+    continued, log = unsharded_continuation(data, runs, tmp_path)
+    assert "--accum_iter 2 -> 4 keeps the effective batch" in log
+    _assert_states(continued, runs["fsdp"], ATOL)
+
+
+def unsharded_continuation(data, runs, tmp_path):
     kept = os.path.join(runs["fsdp_dir"], "checkpoint-1.dcp")
     assert load_sharded(kept)["global_step"] == STEPS // 2
     one = str(tmp_path / "one")
     args = _mlm_args(data, one, 2, 2)
     args[args.index("--resume") + 1] = kept
     proc = run_entry("main_pretrain_cook.py", args)
-    assert "--accum_iter 2 -> 4 keeps the effective batch" in proc.stdout
-    _assert_states(load_ckpt(os.path.join(one, "checkpoint-latest.pth")), runs["fsdp"], ATOL)
+    return load_ckpt(os.path.join(one, "checkpoint-latest.pth")), proc.stdout
 
 
 def test_conversion_round_trips_exactly(runs, tmp_path):
@@ -177,3 +204,32 @@ def test_a_failed_sharded_write_leaves_the_previous_checkpoint(tmp_path, monkeyp
         save_sharded({**state, "global_step": 6}, path, distributed=False)
     assert sorted(os.listdir(tmp_path)) == [LATEST_SHARDED]  # no partial folder
     assert load_sharded(path)["global_step"] == 5
+
+
+if __name__ == "__main__":  # the figures: python tests/test_fsdp.py
+    import pathlib
+    import tempfile
+
+    import conftest
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = pathlib.Path(tmp)
+        torch.manual_seed(3)
+        made = make_caption_data(str(root / "captions"), n_train=64, n_val=11)
+        from custom_datasets.tokenizer import load_tokenizer
+        w = create_model("vlmo_tiny_patch16", vocab_size=load_tokenizer(made["tokenizer"]).vocab_size).state_dict()
+        made["weights"] = str(root / "pretrained.pth")
+        torch.save({"model": {k: v for k, v in w.items() if not k.startswith("mlm_head")}}, made["weights"])
+        (root / "mlm").mkdir()
+        mlm = mlm_runs(made, root / "mlm")
+        print("max |FSDP - DDP| (model, optimizer state), 2 gloo ranks, fp32:")
+        print("  text_mlm, LoRA + self-regularization + clipping, FSDP 2 x 2 accumulation vs DDP 4: %.2e, %.2e"
+              % max_differences(mlm["fsdp"], mlm["ddp"]))
+        from custom_datasets.demo_data import make_demo_data
+        demo = make_demo_data(root / "demo", **conftest.DEMO_TEST_SIZES)
+        (root / "itc").mkdir()
+        ddp, fsdp, _ = itc_runs(demo, root / "itc")
+        print("  SigLIP image_text_itc, FSDP 2 x 2 accumulation vs 1 process at 8: %.2e, %.2e" % max_differences(fsdp, ddp))
+        continued, _ = unsharded_continuation(made, mlm, root)
+        print("  epoch 2 continued in 1 unsharded process from the 2-rank sharded epoch-1 folder vs the 2-rank "
+              "run: %.2e, %.2e" % max_differences(continued, mlm["fsdp"]))

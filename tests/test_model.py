@@ -237,3 +237,25 @@ def test_grad_checkpointing_gives_the_same_gradients(mode, every, monkeypatch):
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for n in grads[0]:
         torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-6, rtol=1e-5, msg=n)
+
+
+def test_our_init_and_drop_path_draw_what_timms_draw():
+    """models/layers.py replaces timm's trunc_normal_ and DropPath (importing timm.layers costs ~4 s per process):
+    the same random stream gives the same tensors."""
+    import timm.layers
+
+    from models.layers import DropPath, trunc_normal_
+    for std, a, b in ((0.02, -2.0, 2.0), (0.05, -0.1, 0.1)):
+        ours, theirs = torch.empty(64, 48), torch.empty(64, 48)
+        torch.manual_seed(1)
+        timm.layers.trunc_normal_(theirs, std=std, a=a, b=b)
+        torch.manual_seed(1)
+        trunc_normal_(ours, std=std, a=a, b=b)
+        assert torch.equal(ours, theirs)
+    x = torch.randn(16, 5, 8)
+    torch.manual_seed(2)
+    theirs = timm.layers.DropPath(0.3)(x)
+    torch.manual_seed(2)
+    ours = DropPath(0.3)(x)
+    assert torch.equal(ours, theirs) and not torch.equal(ours, x)
+    assert torch.equal(DropPath(0.3).eval()(x), x)

@@ -166,7 +166,15 @@ def remove_stale_partials(output_dir):
 
 def load_file(path, flag="--resume", verify=True):
     """torch.load with weights_only=True, the checksum verified (`verify`); a missing file is a UserError
-    naming the flag, an unreadable or mismatching one a CorruptCheckpoint (a UserError) naming it too."""
+    naming the flag, an unreadable or mismatching one a CorruptCheckpoint (a UserError) naming it too. A sharded
+    checkpoint folder (an --fsdp run's) reads as its weights and records, without the optimizer state, so every
+    tool that takes a checkpoint file takes the folder too."""
+    from util import sharded_checkpoint  # (it imports this module)
+
+    if sharded_checkpoint.is_sharded(path):
+        state = sharded_checkpoint.load_sharded(path, flag, verify)
+        state = {k: v for k, v in state.items() if k not in ("sharded", CHECKSUM)}
+        return {**state, "model": sharded_checkpoint.model_tensors(path)}
     if not os.path.isfile(path):
         raise UserError(f"{flag}: file not found: {path}")
     try:

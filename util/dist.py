@@ -254,7 +254,11 @@ def gradient_sync(model, sync):
 def call_whole(model, fn, *args, **kwargs):
     """fn(*args, **kwargs) with a sharded model's parameters available as in its forward (for work that is not the
     root's forward: evaluation, a feature cache), through the root's registered `outside_forward`; a plain call
-    for any other model."""
+    for any other model. A model sharded with bf16 compute weights (`_compute_dtype`) runs it under autocast to
+    that dtype, so inputs of any float dtype meet the gathered weights."""
     if is_sharded(model):
-        return model.outside_forward(fn, *args, **kwargs)
+        dtype = getattr(model, "_compute_dtype", None)
+        device_type = next(model.parameters()).device.type
+        with torch.autocast(device_type, dtype=dtype, enabled=dtype is not None):
+            return model.outside_forward(fn, *args, **kwargs)
     return fn(*args, **kwargs)

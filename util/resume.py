@@ -125,10 +125,8 @@ def plan_resume(output_dir, resume, mode):
     ckpt = read_checkpoint(resume, "--resume")
     if is_training_checkpoint(ckpt) and ckpt.get("mode") == mode:
         return ResumePlan("train", resume, ckpt, f"resuming the training state of {resume}")
-    if isinstance(ckpt, dict) and ckpt.get("sharded"):
-        raise UserError(f"--resume {resume}: a sharded checkpoint of a {ckpt.get('mode')} run; to start a new stage "
-                        f"from its weights, convert it to one file first: python util/convert_dcp.py --src {resume} "
-                        "--dst weights.pth, then --resume weights.pth")
+    if isinstance(ckpt, dict) and ckpt.get("sharded"):  # a new stage from a sharded run: its weights alone
+        ckpt = load_file(resume, "--resume", verify=False)
     if extract_state_dict(ckpt) is None:
         raise UserError(f"--resume {resume}: no model weights found (expected a state dict, possibly under "
                         "'model', 'module' or 'state_dict')")

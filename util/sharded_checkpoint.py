@@ -171,6 +171,20 @@ def stored_names(path, key):
             if k.startswith(prefix)}
 
 
+def model_tensors(path):
+    """The "model" tensors of the sharded checkpoint `path`, whole, read by this process alone (no collective;
+    the optimizer state is not read): a weights-only start of a new stage from a sharded run."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    stored = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    state = {name: torch.empty(tuple(stored["model." + name].size), dtype=stored["model." + name].properties.dtype)
+             for name in stored_names(path, "model") if isinstance(stored["model." + name], TensorStorageMetadata)}
+    with _single_process_quiet(False):
+        dcp.load({"model": state}, checkpoint_id=path, no_dist=True)
+    return state
+
+
 def load_model_state(module, path, flag="--resume"):
     """Fill `module`'s tensors (plain or sharded) from the "model" entry of the sharded checkpoint `path`; a key
     set that differs from the module's is a UserError naming the file."""
