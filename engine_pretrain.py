@@ -117,7 +117,7 @@ def train_one_epoch(trainer, loader, epoch, start_step, global_step):
     accumulate = getattr(raw, "accumulate", None) or accumulate_gradients
     data_iter = iter(loader)
     run_start, steps_done = time.perf_counter(), 0
-    trainable = [p for p in raw.parameters() if p.requires_grad]
+    trainable = [p for g in trainer.optimizer.param_groups for p in g["params"]]  # (FSDP: the sharded ones)
     for step in range(start_step, cfg.steps_per_epoch):
         t0 = time.perf_counter()
         micro = [batch_to_device(next(data_iter), cfg.device) for _ in range(cfg.accum_iter)]
@@ -209,7 +209,8 @@ def evaluate(eval_set, model, device, autocast_dtype=None, visuals=None):
 
     Each rank predicts its shard; the per-item outputs of all ranks are gathered back into item order (and
     checked to cover every item once), so every rank computes the numbers one process would. Runs on the
-    unwrapped model (no DDP), so ranks may hold different batch counts. With a `visuals` dict, rank 0 adds
+    unwrapped model (no DDP; an FSDP model gathered whole by util.dist.call_whole), so ranks may hold different
+    batch counts. With a `visuals` dict, rank 0 adds
     the eval set's pictures and texts to it (EvalSet.visualize).
     """
     was_training = model.training

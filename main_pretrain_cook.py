@@ -284,7 +284,7 @@ def run(args, argv):
     model = PretrainModel(backbone, mode).to(env.device)
     mode.before_training(backbone, env)
     autocast_dtype, scaler = autocast_setup(args.precision, env.device)
-    ddp = shard_model(model, autocast_dtype if env.device.type == "cuda" else None) if args.fsdp else \
+    wrapped = shard_model(model, autocast_dtype if env.device.type == "cuda" else None) if args.fsdp else \
         wrap_ddp(model, env)  # the optimizer is built over the sharded parameters
     if args.fsdp:
         LOG.info(describe_shards(model))
@@ -311,7 +311,7 @@ def run(args, argv):
             state["optimizer"] = optimizer_state(backbone, optimizer)
         return state
 
-    trainer = Trainer(model=ddp, raw_model=model, optimizer=optimizer, scaler=scaler, cfg=cfg,
+    trainer = Trainer(model=wrapped, raw_model=model, optimizer=optimizer, scaler=scaler, cfg=cfg,
                       post_step=mode.post_step(backbone), monitor=mode.monitor(), run_log=RunLog(args.output_dir, args.log_dir, env.is_main),
                       checkpointer=Checkpointer(args.output_dir, build_state, env.device, args.save_per_epochs,
                                                 args.save_every_steps, args.save_every_minutes, sharded=args.fsdp),

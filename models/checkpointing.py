@@ -24,9 +24,10 @@ def maybe_checkpoint(block, forward, *args, **kwargs):
     return forward(*args, **kwargs)
 
 
-def _block_lists(model):
-    """The ModuleLists of transformer blocks in `model` (ours and timm's), in order."""
-    return [m for name, m in model.named_modules() if name.split(".")[-1] == "blocks" and
+def _block_lists(model, names=("blocks",)):
+    """The ModuleLists of transformer blocks in `model` (ours and timm's: `blocks`; with names ("blocks", "layer")
+    also a Hugging Face encoder's `encoder.layer`), in order."""
+    return [m for name, m in model.named_modules() if name.split(".")[-1] in names and
             isinstance(m, torch.nn.ModuleList | torch.nn.Sequential)]
 
 

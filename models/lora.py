@@ -79,11 +79,14 @@ def _add_sharded_gradient(term, layers):
     """FSDP: the gradient of `term` (built from sharded DTensor weights) put straight into the adapters' sharded
     .grad, where FSDP's reduce-scatter then adds the (rank-averaged) task gradient; every rank holds the whole term,
     so its gradient is not averaged, as under DDP. Autograd through the blocks would mix layouts."""
+    from torch.distributed.tensor import DTensor
+
     params = [p for m in layers for p in (m.lora_A, m.lora_B) if p is not None and p.requires_grad]
     grads = torch.autograd.grad(term, params, allow_unused=True)
     for p, g in zip(params, grads):
         if g is not None:
-            g = g.redistribute(p.device_mesh, p.placements)
+            if isinstance(p, DTensor):  # the shard layout FSDP's reduce-scatter adds into
+                g = g.redistribute(p.device_mesh, p.placements)
             p.grad = g if p.grad is None else p.grad + g
 
 
@@ -99,7 +102,7 @@ def add_self_regularization(model, out, reg_scale):
         layers = model._reg_layers = [m for _, m in lora_layers(model)]
     if layers:
         reg = self_regularization_loss(model, layers)
-        if getattr(layers[0].weight, "device_mesh", None) is not None:  # sharded (FSDP)
+        if any(getattr(m.weight, "device_mesh", None) is not None for m in layers):  # sharded (FSDP)
             _add_sharded_gradient(reg * reg_scale, layers)
             reg = reg.detach()
         out["loss"] = out["loss"] + reg * reg_scale

@@ -2,14 +2,15 @@
 wraps: activation checkpointing, compile, sharding; models/checkpointing.py does the first two).
 
 Each rank keeps 1/world of every parameter, gradient and optimizer state (DTensors sharded on dim 0); a block's
-full weights are all-gathered just before its forward and backward and freed after, and its gradients are
+(ours, timm's, a Hugging Face text tower's layer) full weights are all-gathered just before its forward and
+backward and freed after, and its gradients are
 reduce-scattered (averaged) in its backward, so the update equals DDP's on the same global batch.
 
 - Scalar parameters (the ITC log-temperature and bias) cannot be sharded: they stay whole on every rank, outside
   FSDP, and `util.dist.finish_gradients` averages their gradients over the ranks once per optimizer step (DDP's rule).
 - Frozen parameters (LoRA's base weights, a locked tower) shard like the others and get no gradient.
-- Mixed precision on CUDA: bf16 (or fp16) parameters for the compute, gradients reduced in fp32, the fp32 shards
-  updated by the optimizer (`MixedPrecisionPolicy`).
+- Mixed precision on CUDA: bf16 parameters for the compute, gradients reduced in fp32, the fp32 shards updated by
+  the optimizer (`MixedPrecisionPolicy`); fp16 is refused with --fsdp.
 - Work outside the root's forward (evaluation, the contrastive feature cache) runs through
   `util.dist.call_whole(model, fn)`: the root's `outside_forward(fn)` is registered as an FSDP forward method, so
   it all-gathers the root's own parameters as a forward would; the blocks gather theirs in their forward. `util.dist.gradient_sync` skips the reduction on all but the last micro-batch of a step.
@@ -17,6 +18,8 @@ reduce-scattered (averaged) in its backward, so the update equals DDP's on the s
 import torch
 
 from models.checkpointing import _block_lists
+
+SHARDED_LISTS = ("blocks", "layer")  # ours and timm's blocks, a Hugging Face text tower's encoder.layer
 
 
 def shard_model(model, param_dtype=None):
@@ -29,7 +32,7 @@ def shard_model(model, param_dtype=None):
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None,
                                   cast_forward_inputs=False)
     scalars = {p for p in model.parameters() if p.ndim == 0}
-    for blocks in _block_lists(model):
+    for blocks in _block_lists(model, SHARDED_LISTS):
         for block in blocks:
             fully_shard(block, mp_policy=policy, ignored_params=scalars & set(block.parameters()))
     fully_shard(model, mp_policy=policy, ignored_params=scalars)
@@ -45,5 +48,5 @@ def describe_shards(model):
 
     local = sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in model.parameters())
     total = sum(p.numel() for p in model.parameters())
-    return (f"FSDP: {sum(len(b) for b in _block_lists(model))} blocks and the root sharded; this rank holds "
+    return (f"FSDP: {sum(len(b) for b in _block_lists(model, SHARDED_LISTS))} blocks and the root sharded; this rank holds "
             f"{local / 1e6:.3f}M of {total / 1e6:.3f}M parameters (and their gradients and optimizer state)")

@@ -30,7 +30,7 @@ TORCHRUN_SIGNALS = ["--signals-to-handle", "SIGTERM,SIGINT,SIGUSR1"]
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("fsdp_data")
-    data = make_caption_data(str(root / "captions"), n_train=64, n_val=11)
+    data = make_caption_data(str(root / "captions"), n_train=64, n_val=9)  # FSDP eval: 3 and 2 batches per rank
     from custom_datasets.tokenizer import load_tokenizer
     torch.manual_seed(3)
     weights = create_model("vlmo_tiny_patch16", vocab_size=load_tokenizer(data["tokenizer"]).vocab_size).state_dict()
@@ -80,10 +80,13 @@ def runs(data, tmp_path_factory):
 def mlm_runs(data, root):
     """DDP at batch 4 per rank, FSDP at 2 x 2 accumulation steps per rank: the same global batch of 8."""
     ddp, fsdp = str(root / "ddp"), str(root / "fsdp")
-    run_entry("main_pretrain_cook.py", _mlm_args(data, ddp, 4, 1), nproc=2)
-    proc = run_entry("main_pretrain_cook.py", _mlm_args(data, fsdp, 2, 2, ["--fsdp", "--save_per_epochs", "1"]), nproc=2)
+    merged = ["--save_merged_lora_model"]
+    run_entry("main_pretrain_cook.py", _mlm_args(data, ddp, 4, 1, merged), nproc=2)
+    proc = run_entry("main_pretrain_cook.py", _mlm_args(data, fsdp, 2, 2, ["--fsdp", "--save_per_epochs", "1", *merged]),
+                     nproc=2)
     return {"ddp": load_ckpt(os.path.join(ddp, "checkpoint-latest.pth")), "fsdp_dir": fsdp, "fsdp_log": proc.stdout,
-            "fsdp": _as_file(os.path.join(fsdp, LATEST_SHARDED), str(root / "fsdp.pth")), "root": root}
+            "fsdp": _as_file(os.path.join(fsdp, LATEST_SHARDED), str(root / "fsdp.pth")), "root": root,
+            "merged": [load_ckpt(os.path.join(d, "checkpoint-merged.pth")) for d in (ddp, fsdp)]}
 
 
 def test_fsdp_equals_ddp_on_the_same_global_batch(runs):
@@ -93,12 +96,18 @@ def test_fsdp_equals_ddp_on_the_same_global_batch(runs):
     _assert_states(runs["fsdp"], runs["ddp"], ATOL)
     lora_b = [k for k in runs["ddp"]["model"] if k.endswith("lora_B")]
     assert lora_b and max(runs["ddp"]["model"][k].abs().max() for k in lora_b) > 100 * ATOL  # training moved them
+    ddp_merged, fsdp_merged = runs["merged"]  # --save_merged_lora_model gathers the sharded weights
+    assert not any("lora_" in k for k in fsdp_merged["model"]) and set(fsdp_merged["model"]) == set(ddp_merged["model"])
+    for k, v in ddp_merged["model"].items():
+        torch.testing.assert_close(fsdp_merged["model"][k], v, atol=ATOL, rtol=0, msg=k)
 
 
 def test_fsdp_itc_with_accumulation_equals_one_process(demo_data, tmp_path):
     """SigLIP: the scalar temperature and bias stay whole (averaged once per step), the accumulation's feature
-    cache runs outside the root's forward, clipping is on by default; zero-shot evaluation on every rank. The
-    reference is one process on the whole batch (equal to DDP: tests/test_itc_accumulation.py)."""
+    cache runs outside the root's forward, clipping is on by default (and must see every gradient after an
+    evaluation before the first step); zero-shot evaluation on every rank; FSDP after activation checkpointing
+    and compile (aot_eager). The reference is one process on the whole batch (equal to DDP:
+    tests/test_itc_accumulation.py)."""
     ddp, fsdp, held = itc_runs(demo_data, tmp_path)
     for k in ddp["model"]:
         torch.testing.assert_close(fsdp["model"][k], ddp["model"][k], atol=ATOL, rtol=0, msg=k)
@@ -113,10 +122,10 @@ def itc_runs(d, tmp_path):
               "--val_data_path", str(d["pairs_val"]), "--zeroshot_data_path", str(d["images_val"]),
               "--zeroshot_classnames", str(d["classnames"]), "--zeroshot_templates", str(d["templates"]),
               "--tokenizer", str(d["tokenizer"]), "--epochs", "1", "--warmup_epochs", "0.5", "--lr", "1e-3",
-              "--drop_path", "0", "--num_workers", "0", "--log_freq", "2", "--itc_loss", "siglip"]
+              "--drop_path", "0", "--num_workers", "0", "--log_freq", "2", "--itc_loss", "siglip", "--eval_first"]
     run_entry("main_pretrain_cook.py", [*common, "--batch_size", "8", "--output_dir", str(tmp_path / "ddp")])
-    run_entry("main_pretrain_cook.py", [*common, "--batch_size", "2", "--accum_iter", "2", "--fsdp", "--output_dir",
-                                        str(tmp_path / "fsdp")], nproc=2)
+    run_entry("main_pretrain_cook.py", [*common, "--batch_size", "2", "--accum_iter", "2", "--fsdp", "--grad_checkpointing",
+                                        "--compile", "aot_eager", "--output_dir", str(tmp_path / "fsdp")], nproc=2)
     ddp = load_ckpt(str(tmp_path / "ddp" / "checkpoint-latest.pth"))
     fsdp = _as_file(str(tmp_path / "fsdp" / LATEST_SHARDED), str(tmp_path / "fsdp.pth"))
     lines = [(tmp_path / run / "console.log").read_text().splitlines() for run in ("ddp", "fsdp")]
@@ -215,7 +224,7 @@ if __name__ == "__main__":  # the figures: python tests/test_fsdp.py
     with tempfile.TemporaryDirectory() as tmp:
         root = pathlib.Path(tmp)
         torch.manual_seed(3)
-        made = make_caption_data(str(root / "captions"), n_train=64, n_val=11)
+        made = make_caption_data(str(root / "captions"), n_train=64, n_val=9)
         from custom_datasets.tokenizer import load_tokenizer
         w = create_model("vlmo_tiny_patch16", vocab_size=load_tokenizer(made["tokenizer"]).vocab_size).state_dict()
         made["weights"] = str(root / "pretrained.pth")

@@ -152,7 +152,8 @@ def written_by_rank0(write, device):
 
 def remove_stale_partials(output_dir):
     """Delete `*.tmp` files and folders (a sharded checkpoint's) a killed writer left in `output_dir` (they can
-    fill the disk the next save needs); returns their names."""
+    fill the disk the next save needs); returns their names. (A sharded folder's `.old`, which a crash inside its
+    swap leaves, is a resume candidate: the next save of that name removes it.)"""
     import shutil
 
     stale = sorted(glob.glob(os.path.join(glob.escape(output_dir), "*.tmp")))
@@ -172,8 +173,7 @@ def load_file(path, flag="--resume", verify=True):
     from util import sharded_checkpoint  # (it imports this module)
 
     if sharded_checkpoint.is_sharded(path):
-        state = sharded_checkpoint.load_sharded(path, flag, verify)
-        state = {k: v for k, v in state.items() if k not in ("sharded", CHECKSUM)}
+        state = sharded_checkpoint.records(sharded_checkpoint.load_sharded(path, flag, verify))
         return {**state, "model": sharded_checkpoint.model_tensors(path)}
     if not os.path.isfile(path):
         raise UserError(f"{flag}: file not found: {path}")

@@ -59,29 +59,27 @@ class Checkpointer:
         rngs = du.all_gather_objects(rng_state())
         at = f"after epoch {epoch}" if step_in_epoch == 0 and epoch > 0 else \
             f"epoch {epoch + 1}, {step_in_epoch} step(s) into it"
-        if self.sharded:
-            state = self.build_state(epoch, step_in_epoch, global_step)
-            state["rng"] = rngs
+
+        def state():
+            return {**self.build_state(epoch, step_in_epoch, global_step), "rng": rngs}
+
+        def saved(where, how=""):
+            LOG.info(f"saved {where} ({at}, global step {global_step}{how})")
+            self.last_save = time.monotonic()
+
+        if self.sharded:  # every rank writes its shards
             latest = os.path.join(self.output_dir, LATEST_SHARDED)
-            save_sharded(state, latest)
-            where = LATEST_SHARDED
+            save_sharded(state(), latest)
             if keep_name:
                 keep_name = keep_name.replace(".pth", SUFFIX)
                 copy_sharded(latest, os.path.join(self.output_dir, keep_name))
-                where += f" and {keep_name}"
-            LOG.info(f"saved {where} ({at}, global step {global_step}; every rank wrote its shards)")
-            self.last_save = time.monotonic()
-            return
+            return saved(LATEST_SHARDED + (f" and {keep_name}" if keep_name else ""), "; every rank wrote its shards")
 
         def write():
-            state = self.build_state(epoch, step_in_epoch, global_step)
-            state["rng"] = rngs
-            save_atomic(state, os.path.join(self.output_dir, LATEST))
-            where = LATEST
+            full = state()
+            save_atomic(full, os.path.join(self.output_dir, LATEST))
             if keep_name:
-                save_atomic(state, os.path.join(self.output_dir, keep_name))
-                where += f" and {keep_name}"
-            LOG.info(f"saved {where} ({at}, global step {global_step})")
+                save_atomic(full, os.path.join(self.output_dir, keep_name))
 
         written_by_rank0(write, self.device)
-        self.last_save = time.monotonic()
+        saved(LATEST + (f" and {keep_name}" if keep_name else ""))

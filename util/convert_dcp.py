@@ -20,14 +20,14 @@ if __package__ in (None, ""):
 
 from util.checkpoint import CHECKSUM, is_training_checkpoint, load_file, save_atomic  # noqa: E402
 from util.errors import UserError  # noqa: E402
-from util.sharded_checkpoint import ids_to_names, load_sharded, names_to_ids, save_sharded, tensors_of  # noqa: E402
+from util.sharded_checkpoint import (ids_to_names, load_sharded, names_to_ids, records, save_sharded,  # noqa: E402
+                                     tensors_of)
 
 
 def to_single_file(src, dst):
     """The sharded folder `src` as one checkpoint file `dst`; returns its contents."""
-    state = load_sharded(src, "--src")
+    state = records(load_sharded(src, "--src"))
     tensors = tensors_of(src)
-    state = {k: v for k, v in state.items() if k not in ("sharded", CHECKSUM)}
     state.update(model=tensors["model"], optimizer=names_to_ids(tensors["optimizer"]))
     save_atomic(state, dst)
     return state

@@ -214,7 +214,7 @@ def clip_grad_norm(params, max_norm):
     return total
 
 
-def is_sharded(model):
+def is_fsdp(model):
     """Whether `model` is FSDP2-sharded (models/sharding.py)."""
     from torch.distributed.fsdp import FSDPModule
 
@@ -224,23 +224,27 @@ def is_sharded(model):
 def finish_gradients(model):
     """Average over the ranks, in one all-reduce, the gradients of the parameters a sharded model keeps whole
     (its scalars, `_replicated_params`); call once per optimizer step, after the last backward. No-op otherwise."""
-    params = [p for p in getattr(model, "_replicated_params", []) if p.grad is not None]
+    params = getattr(model, "_replicated_params", [])
     if not params or world_size() == 1:
         return
-    flat = torch.stack([p.grad.reshape(()) for p in params])
+    # the same tensor on every rank, whatever the gradients (a parameter no rank used keeps none, as under DDP:
+    # every rank takes the same path through the model, so none or all have one)
+    flat = torch.stack([p.grad.reshape(()).float() if p.grad is not None else torch.zeros((), device=p.device)
+                        for p in params])
     dist.all_reduce(flat)
     flat /= world_size()
     for p, g in zip(params, flat):
-        p.grad.copy_(g)
+        if p.grad is not None:
+            p.grad.copy_(g)
 
 
 @contextlib.contextmanager
 def gradient_sync(model, sync):
     """Inside: backward passes reduce gradients across ranks only when `sync` (the last micro-batch of an
     optimizer step): DDP's no_sync, FSDP's set_requires_gradient_sync, nothing for a single process."""
-    if sync or not (is_sharded(model) or hasattr(model, "no_sync")):
+    if sync or not (is_fsdp(model) or hasattr(model, "no_sync")):
         yield
-    elif is_sharded(model):
+    elif is_fsdp(model):
         model.set_requires_gradient_sync(False)
         try:
             yield
@@ -252,13 +256,33 @@ def gradient_sync(model, sync):
 
 
 def call_whole(model, fn, *args, **kwargs):
-    """fn(*args, **kwargs) with a sharded model's parameters available as in its forward (for work that is not the
-    root's forward: evaluation, a feature cache), through the root's registered `outside_forward`; a plain call
-    for any other model. A model sharded with bf16 compute weights (`_compute_dtype`) runs it under autocast to
-    that dtype, so inputs of any float dtype meet the gathered weights."""
-    if is_sharded(model):
-        dtype = getattr(model, "_compute_dtype", None)
-        device_type = next(model.parameters()).device.type
-        with torch.autocast(device_type, dtype=dtype, enabled=dtype is not None):
-            return model.outside_forward(fn, *args, **kwargs)
-    return fn(*args, **kwargs)
+    """fn(*args, **kwargs) with a sharded model's weights gathered whole for its duration (evaluation, a feature
+    cache: work that is not the root's forward), sharded again after; a plain call for any other model.
+
+    It runs inside the root's `outside_forward` (registered as an FSDP forward method: the root's own weights are
+    gathered as in a forward), with every block gathered once and kept gathered, so the blocks' forwards inside
+    need no collective: ranks may run different numbers of them (evaluation shards), and rank 0 alone may run
+    one more (TensorBoard pictures). A model sharded with bf16 compute weights (`_compute_dtype`) runs it under
+    autocast to that dtype, so inputs of any float dtype meet them."""
+    if not is_fsdp(model):
+        return fn(*args, **kwargs)
+    from torch.distributed.fsdp import FSDPModule
+
+    blocks = [m for m in model.modules() if isinstance(m, FSDPModule) and m is not model]
+
+    def gathered():
+        for m in blocks:
+            m.set_reshard_after_forward(False, recurse=False)
+            m.unshard()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            for m in blocks:
+                m.reshard()
+                m.set_reshard_after_forward(True, recurse=False)
+    dtype = getattr(model, "_compute_dtype", None)
+    try:
+        with torch.autocast(next(model.parameters()).device.type, dtype=dtype, enabled=dtype is not None):
+            return model.outside_forward(gathered)
+    finally:
+        model.reshard()  # FSDP keeps a root gathered after its forward; training lists its sharded parameters

@@ -24,7 +24,7 @@ import zlib
 import torch
 
 from util import dist as du
-from util.checkpoint import CorruptCheckpoint, failure_reason, load_file, save_atomic
+from util.checkpoint import CHECKSUM, CorruptCheckpoint, failure_reason, load_file, save_atomic
 from util.errors import UserError, WriteFailed
 
 SUFFIX = ".dcp"
@@ -75,10 +75,12 @@ def _single_process_quiet(distributed):
 
 
 def swap_into_place(tmp, path):
-    """Rename the complete folder `tmp` to `path`; a previous `path` is moved aside first and removed after."""
+    """Rename the complete folder `tmp` to `path`; a previous `path` is moved aside first and removed after. An
+    `.old` is removed only while `path` exists (without `path`, `.old` may be the one complete checkpoint: a
+    crash inside an earlier swap)."""
     old = f"{path}.old"
-    remove_tree(old)
     if os.path.exists(path):
+        remove_tree(old)
         os.replace(path, old)
     os.replace(tmp, path)
     remove_tree(old)
@@ -102,7 +104,7 @@ def save_sharded(state, path, distributed=True):
     def write():
         with _single_process_quiet(distributed):
             dcp.save(tensors, checkpoint_id=tmp, no_dist=not distributed)
-        mine = [n for n in os.listdir(tmp) if n.startswith(f"__{rank}_") or (rank == 0 and n == ".metadata")]
+        mine = [n for n in os.listdir(tmp) if _written_by(n, rank)]  # its shards; rank 0 also .metadata
         crcs.update({n: file_crc(os.path.join(tmp, n)) for n in mine})
     _together(write, path)
     every = {}
@@ -120,17 +122,28 @@ def save_sharded(state, path, distributed=True):
     _together(finish, path)
 
 
+def _written_by(name, rank):
+    """Whether the file `name` of a sharded folder is rank `rank`'s to copy: its own shards; rank 0 the rest."""
+    return name.startswith(f"__{rank}_") or (rank == 0 and not name.startswith("__"))
+
+
 def copy_sharded(src, dst):
-    """Rank 0: `src` copied to the folder `dst` through `dst`.tmp (real copies, not links: a kept copy must
-    survive damage to the latest's files)."""
-    tmp = f"{dst}.tmp"
+    """Every rank: the folder `src` copied to `dst` through `dst`.tmp, each rank copying the shards it wrote (real
+    copies, not links: a kept copy must survive damage to the latest's files)."""
+    tmp, rank = f"{dst}.tmp", du.rank()
+
+    def start():
+        if rank == 0:
+            remove_tree(tmp)
+            os.makedirs(tmp)
+    _together(start, dst)
 
     def copy():
-        if du.rank() == 0:
-            remove_tree(tmp)
-            shutil.copytree(src, tmp)
-            swap_into_place(tmp, dst)
+        for name in os.listdir(src):
+            if _written_by(name, rank):
+                shutil.copy2(os.path.join(src, name), os.path.join(tmp, name))
     _together(copy, dst)
+    _together(lambda: swap_into_place(tmp, dst) if rank == 0 else None, dst)
 
 
 def verify_files(path, flag):
@@ -171,6 +184,16 @@ def stored_names(path, key):
             if k.startswith(prefix)}
 
 
+def _last_line(error):
+    lines = str(error).strip().splitlines()
+    return lines[-1] if lines else type(error).__name__
+
+
+def records(state):
+    """A sharded checkpoint's state without the markers of its reading (the single-file checkpoint's entries)."""
+    return {k: v for k, v in state.items() if k not in ("sharded", CHECKSUM)}
+
+
 def model_tensors(path):
     """The "model" tensors of the sharded checkpoint `path`, whole, read by this process alone (no collective;
     the optimizer state is not read): a weights-only start of a new stage from a sharded run."""
@@ -198,7 +221,10 @@ def load_model_state(module, path, flag="--resume"):
                         f"{unexpected[:3]})")
     if any(t.is_meta for t in state.values()):  # --check builds the model on the meta device: names are enough
         return
-    dcp.load({"model": state}, checkpoint_id=path, no_dist=not du.is_dist())
+    try:
+        dcp.load({"model": state}, checkpoint_id=path, no_dist=not du.is_dist())
+    except Exception as e:  # noqa: BLE001 - DCP wraps a shape mismatch or a read error in its own exception
+        raise UserError(f"{flag} {path}: cannot be read into this run's model ({_last_line(e)})") from None
     module.load_state_dict(state)
 
 
@@ -209,6 +235,8 @@ def ids_to_names(osd):
     if not all("param_names" in g for g in groups):
         raise UserError("the checkpoint's optimizer state does not name its parameters (written before sharded "
                         "checkpoints existed): resume it once without --fsdp, then convert the checkpoint it writes")
+    if any(len(g["params"]) != len(g["param_names"]) for g in groups):
+        raise UserError("the checkpoint's optimizer state names a different number of parameters than it holds")
     name_of = {i: n for g in groups for i, n in zip(g["params"], g["param_names"])}
     return {"state": {name_of[i]: s for i, s in osd["state"].items()},
             "param_groups": [{**g, "params": [name_of[i] for i in g["params"]]} for g in groups]}
@@ -243,7 +271,7 @@ def load_optimizer_state(ckpt, module, optimizer):
         try:
             dcp.load({"optimizer": osd}, checkpoint_id=ckpt["sharded"], no_dist=not du.is_dist())
         except Exception as e:  # noqa: BLE001 - DCP reports a missing key as a generic error
-            raise ValueError(str(e).strip().splitlines()[-1]) from None
+            raise ValueError(_last_line(e)) from None
         set_optimizer_state_dict(module, optimizer, osd)
     elif any(isinstance(p, DTensor) for g in optimizer.param_groups for p in g["params"]):
         names = {n for g in optimizer.param_groups for n in g["param_names"]}
