@@ -74,6 +74,15 @@ def _single_process_quiet(distributed):
         yield
 
 
+def _fresh_folder(tmp, path):
+    """Every rank: rank 0 makes the empty folder `tmp` that the write of `path` fills."""
+    def start():
+        if du.rank() == 0:
+            remove_tree(tmp)
+            os.makedirs(tmp)
+    _together(start, path)
+
+
 def swap_into_place(tmp, path):
     """Rename the complete folder `tmp` to `path`; a previous `path` is moved aside first and removed after. An
     `.old` is removed only while `path` exists (without `path`, `.old` may be the one complete checkpoint: a
@@ -94,11 +103,7 @@ def save_sharded(state, path, distributed=True):
     tensors = {k: state[k] for k in TENSOR_KEYS}
     rest = {k: v for k, v in state.items() if k not in TENSOR_KEYS}
 
-    def start():
-        if rank == 0:
-            remove_tree(tmp)
-            os.makedirs(tmp)
-    _together(start, path)
+    _fresh_folder(tmp, path)
     crcs = {}
 
     def write():
@@ -132,11 +137,7 @@ def copy_sharded(src, dst):
     copies, not links: a kept copy must survive damage to the latest's files)."""
     tmp, rank = f"{dst}.tmp", du.rank()
 
-    def start():
-        if rank == 0:
-            remove_tree(tmp)
-            os.makedirs(tmp)
-    _together(start, dst)
+    _fresh_folder(tmp, dst)
 
     def copy():
         for name in os.listdir(src):
