@@ -270,7 +270,7 @@ def run(args, argv):
                  "task_state": task.state, "main_metric": task.main_metric, "best_metric": best["value"],
                  "best_epoch": best["epoch"]}
         return training_state(model_state=model.state_dict(), model_config=model.backbone.config,
-                              optimizer=optimizer, scaler=scaler,
+                              optimizer_state=optimizer.state_dict(), scaler=scaler,
                               position=RunPosition(epoch=epoch, step_in_epoch=step_in_epoch, global_step=step),
                               mode=finetune_mode(args.task), args=args, accum_iter=args.accum_iter, provided=provided,
                               data_state=data_state, extra=extra)

@@ -243,9 +243,10 @@ def build_model(args, overrides, plan):
                     + ("; --self_regularization is off with it" if args.use_self_regularization else "")
                     + ". args.json records --lora_rank 0")
         args.lora_rank, args.use_self_regularization, args.self_regularization = 0, False, False
-    if plan.kind == "train":  # a sharded folder's tensors are read through DCP, resharded to this run
-        load_model_state(model, plan.path) if plan.ckpt.get("sharded") else \
-            load_full_state(model, plan.state_dict, plan.path)
+    if plan.kind == "train" and plan.ckpt.get("sharded"):  # read through DCP, resharded to this run
+        load_model_state(model, plan.path)
+    elif plan.kind == "train":
+        load_full_state(model, plan.state_dict, plan.path)
     return model, provided, groups
 
 
@@ -302,14 +303,13 @@ def run(args, argv):
     def build_state(epoch, step_in_epoch, step, whole=False):
         with parked.attached():  # the whole model in every checkpoint (FSDP: this rank's shards)
             model_state = full_model_state(backbone) if whole and args.fsdp else backbone.state_dict()
-        state = training_state(model_state=model_state, model_config=backbone.config, optimizer=optimizer,
-                               scaler=scaler, position=RunPosition(epoch=epoch, step_in_epoch=step_in_epoch,
-                                                                   global_step=step),
-                               mode=args.mode, args=args, accum_iter=args.accum_iter, provided=provided,
-                               data_state=data_state)
-        if args.fsdp and not whole:  # keyed by parameter name, the sharded checkpoint's layout
-            state["optimizer"] = optimizer_state(backbone, optimizer)
-        return state
+        # FSDP: keyed by parameter name, the sharded checkpoint's layout
+        opt_state = optimizer_state(backbone, optimizer) if args.fsdp else optimizer.state_dict()
+        return training_state(model_state=model_state, model_config=backbone.config, optimizer_state=opt_state,
+                              scaler=scaler, position=RunPosition(epoch=epoch, step_in_epoch=step_in_epoch,
+                                                                  global_step=step),
+                              mode=args.mode, args=args, accum_iter=args.accum_iter, provided=provided,
+                              data_state=data_state)
 
     trainer = Trainer(model=wrapped, raw_model=model, optimizer=optimizer, scaler=scaler, cfg=cfg,
                       post_step=mode.post_step(backbone), monitor=mode.monitor(), run_log=RunLog(args.output_dir, args.log_dir, env.is_main),

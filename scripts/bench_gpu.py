@@ -158,9 +158,7 @@ def main(argv=None):
     print(f"{a.model} {a.model_kwargs} | batch {a.batch_size} | {'bf16' if dtype else 'fp32'} | {name} | measured "
           f"matmul {peak / 1e12:.3f} TFLOP/s")
     for mode in a.modes:
-        torch.manual_seed(0)
-        model = create_model(a.model, itc_loss="clip", **json.loads(a.model_kwargs)).to(device)
-        configure_trainable(model, mode)
+        model = fresh_model(a, mode, device)
         step_model = pretrain_model(model, mode)
         batch = make_batch(mode, model, a.batch_size, a.seq_len, device, torch.Generator().manual_seed(0))
         sps, mem = measure(step_model, batch, a.steps, a.warmup, device, dtype)
@@ -187,6 +185,14 @@ def main(argv=None):
 LEVERS = ("grad_checkpointing", "compile", "fsdp")
 
 
+def fresh_model(a, mode, device):
+    """The benchmarked model, seeded, with what trains in `mode` marked."""
+    torch.manual_seed(0)
+    model = create_model(a.model, itc_loss="clip", **json.loads(a.model_kwargs)).to(device)
+    configure_trainable(model, mode)
+    return model
+
+
 def measure_lever(lever, a, mode, batch, device, dtype):
     """(samples/s, peak GiB, seconds of the first step) of the mode's step with one scale lever on, a fresh model.
     fsdp runs in a one-rank process group: FSDP2's gathers and reduce-scatters on one chip, its overhead only (the
@@ -198,9 +204,7 @@ def measure_lever(lever, a, mode, batch, device, dtype):
     from models.checkpointing import compile_blocks, set_grad_checkpointing
     from models.sharding import shard_model
 
-    torch.manual_seed(0)
-    model = create_model(a.model, itc_loss="clip", **json.loads(a.model_kwargs)).to(device)
-    configure_trainable(model, mode)
+    model = fresh_model(a, mode, device)
     if lever == "grad_checkpointing":
         set_grad_checkpointing(model, 1)
     if lever == "compile":

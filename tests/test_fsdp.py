@@ -29,8 +29,12 @@ TORCHRUN_SIGNALS = ["--signals-to-handle", "SIGTERM,SIGINT,SIGUSR1"]
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fsdp_data")
-    data = make_caption_data(str(root / "captions"), n_train=64, n_val=9)  # FSDP eval: 3 and 2 batches per rank
+    return make_data(tmp_path_factory.mktemp("fsdp_data"))
+
+
+def make_data(root):
+    """Captions (9 held out: an FSDP evaluation of 3 and 2 batches per rank) and weights for LoRA to adapt."""
+    data = make_caption_data(str(root / "captions"), n_train=64, n_val=9)
     from custom_datasets.tokenizer import load_tokenizer
     torch.manual_seed(3)
     weights = create_model("vlmo_tiny_patch16", vocab_size=load_tokenizer(data["tokenizer"]).vocab_size).state_dict()
@@ -223,12 +227,7 @@ if __name__ == "__main__":  # the figures: python tests/test_fsdp.py
 
     with tempfile.TemporaryDirectory() as tmp:
         root = pathlib.Path(tmp)
-        torch.manual_seed(3)
-        made = make_caption_data(str(root / "captions"), n_train=64, n_val=9)
-        from custom_datasets.tokenizer import load_tokenizer
-        w = create_model("vlmo_tiny_patch16", vocab_size=load_tokenizer(made["tokenizer"]).vocab_size).state_dict()
-        made["weights"] = str(root / "pretrained.pth")
-        torch.save({"model": {k: v for k, v in w.items() if not k.startswith("mlm_head")}}, made["weights"])
+        made = make_data(root)
         (root / "mlm").mkdir()
         mlm = mlm_runs(made, root / "mlm")
         print("max |FSDP - DDP| (model, optimizer state), 2 gloo ranks, fp32:")

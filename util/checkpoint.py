@@ -173,8 +173,7 @@ def load_file(path, flag="--resume", verify=True):
     from util import sharded_checkpoint  # (it imports this module)
 
     if sharded_checkpoint.is_sharded(path):
-        state = sharded_checkpoint.records(sharded_checkpoint.load_sharded(path, flag, verify))
-        return {**state, "model": sharded_checkpoint.model_tensors(path)}
+        return sharded_checkpoint.weights_view(sharded_checkpoint.load_sharded(path, flag, verify), path)
     if not os.path.isfile(path):
         raise UserError(f"{flag}: file not found: {path}")
     try:

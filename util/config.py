@@ -9,7 +9,7 @@ import sys
 import yaml
 
 from util.errors import UserError
-from util.flag_checks import check_config_values, fraction, non_negative_float, positive_float, positive_int
+from util.flag_checks import Bounded, check_config_values, fraction, non_negative_float, positive_float, positive_int
 
 
 class _Parser(argparse.ArgumentParser):
@@ -46,8 +46,6 @@ COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
 
 def add_scale_args(group, fsdp=False):
     """The opt-in scale levers (models/checkpointing.py, models/sharding.py), applied in this order."""
-    from util.flag_checks import Bounded
-
     group.add_argument("--grad_checkpointing", type=Bounded(int, 0), nargs="?", const=1, default=0, metavar="K",
                        help="activation checkpointing of every K-th block (the flag alone: every block): less "
                             "activation memory for about one more forward")

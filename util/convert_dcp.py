@@ -19,7 +19,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from util.checkpoint import CHECKSUM, is_training_checkpoint, load_file, save_atomic  # noqa: E402
-from util.errors import UserError  # noqa: E402
+from util.errors import UserError, run_cli  # noqa: E402
 from util.sharded_checkpoint import (ids_to_names, load_sharded, names_to_ids, records, save_sharded,  # noqa: E402
                                      tensors_of)
 
@@ -53,26 +53,22 @@ def main(argv=None):
     p.add_argument("--src", required=True, help="a sharded checkpoint folder (*.dcp) or a checkpoint file (*.pth)")
     p.add_argument("--dst", required=True, help="the file (from a folder) or folder (from a file) to write")
     args = p.parse_args(argv)
-    try:
-        if not os.path.exists(args.src):
-            raise UserError(f"--src {args.src}: not found")
-        if os.path.abspath(args.src) == os.path.abspath(args.dst):
-            raise UserError("--dst: must differ from --src")
-        if os.path.isdir(args.src):
-            if os.path.isdir(args.dst):
-                raise UserError(f"--dst {args.dst}: is a folder; a sharded --src becomes one file")
-            state = to_single_file(args.src, args.dst)
-        else:
-            if os.path.isfile(args.dst):
-                raise UserError(f"--dst {args.dst}: is a file; a file --src becomes a sharded folder")
-            state = to_sharded(args.src, args.dst)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if not os.path.exists(args.src):
+        raise UserError(f"--src {args.src}: not found")
+    if os.path.abspath(args.src) == os.path.abspath(args.dst):
+        raise UserError("--dst: must differ from --src")
+    if os.path.isdir(args.src):
+        if os.path.isdir(args.dst):
+            raise UserError(f"--dst {args.dst}: is a folder; a sharded --src becomes one file")
+        state = to_single_file(args.src, args.dst)
+    else:
+        if os.path.isfile(args.dst):
+            raise UserError(f"--dst {args.dst}: is a file; a file --src becomes a sharded folder")
+        state = to_sharded(args.src, args.dst)
     print(f"wrote {args.dst}: {len(state['model'])} model tensors, optimizer state of "
           f"{len(state['optimizer']['state'])} parameters, global step {state['global_step']} ({state['mode']})")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

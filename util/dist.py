@@ -242,17 +242,17 @@ def finish_gradients(model):
 def gradient_sync(model, sync):
     """Inside: backward passes reduce gradients across ranks only when `sync` (the last micro-batch of an
     optimizer step): DDP's no_sync, FSDP's set_requires_gradient_sync, nothing for a single process."""
-    if sync or not (is_fsdp(model) or hasattr(model, "no_sync")):
-        yield
-    elif is_fsdp(model):
+    if not sync and is_fsdp(model):
         model.set_requires_gradient_sync(False)
         try:
             yield
         finally:
             model.set_requires_gradient_sync(True)
-    else:
+    elif not sync and hasattr(model, "no_sync"):
         with model.no_sync():
             yield
+    else:
+        yield
 
 
 def call_whole(model, fn, *args, **kwargs):

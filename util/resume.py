@@ -19,7 +19,7 @@ from util import dist as du
 from util.checkpoint import CorruptCheckpoint, extract_state_dict, is_training_checkpoint, latest_in, load_file
 from util.errors import UserError
 from util.logger import LOG
-from util.sharded_checkpoint import LATEST_SHARDED, STATE_FILE, is_sharded, load_sharded
+from util.sharded_checkpoint import LATEST_SHARDED, STATE_FILE, is_sharded, load_sharded, weights_view
 
 _KEPT = re.compile(r"^checkpoint-(\d+)\.(pth|dcp)$")
 _LATEST_SHARDED = (LATEST_SHARDED, LATEST_SHARDED + ".old")
@@ -126,7 +126,7 @@ def plan_resume(output_dir, resume, mode):
     if is_training_checkpoint(ckpt) and ckpt.get("mode") == mode:
         return ResumePlan("train", resume, ckpt, f"resuming the training state of {resume}")
     if isinstance(ckpt, dict) and ckpt.get("sharded"):  # a new stage from a sharded run: its weights alone
-        ckpt = load_file(resume, "--resume", verify=False)
+        ckpt = weights_view(ckpt, resume)
     if extract_state_dict(ckpt) is None:
         raise UserError(f"--resume {resume}: no model weights found (expected a state dict, possibly under "
                         "'model', 'module' or 'state_dict')")

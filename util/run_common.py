@@ -170,15 +170,15 @@ class RunPosition:
     global_step: int = 0
 
 
-def training_state(*, model_state, model_config, optimizer, scaler, position, mode, args, accum_iter, provided,
+def training_state(*, model_state, model_config, optimizer_state, scaler, position, mode, args, accum_iter, provided,
                    data_state, extra=None):
-    """The contents of a training checkpoint (both entry points): weights, optimizer and scaler, the position
+    """The contents of a training checkpoint (both entry points): weights, optimizer state and scaler, the position
     (`batches_consumed` per rank for the data), `args` as plain values, the weights a checkpoint provided
     (LoRA targets), and `data_state` (tokenizer, image preprocessing) so the next stage is fed the same way.
     `extra` adds entry-specific entries (task, EMA, best metric). RNG states are added by the Checkpointer."""
     from util.config import plain_args
 
-    return {"model": model_state, "model_config": model_config, "optimizer": optimizer.state_dict(),
+    return {"model": model_state, "model_config": model_config, "optimizer": optimizer_state,
             "scaler": scaler.state_dict() if scaler is not None else None, "epoch": position.epoch,
             "step_in_epoch": position.step_in_epoch, "global_step": position.global_step, "mode": mode,
             "batches_consumed": position.step_in_epoch * accum_iter, "args": plain_args(vars(args)),
@@ -195,10 +195,7 @@ def restore_training_state(ckpt, optimizer, scaler, rank, world_size, seed, path
     from util.sharded_checkpoint import load_optimizer_state
 
     try:
-        if model is None:
-            optimizer.load_state_dict(ckpt["optimizer"])
-        else:
-            load_optimizer_state(ckpt, model, optimizer)
+        load_optimizer_state(ckpt, model, optimizer)
     except (ValueError, KeyError) as e:  # the checkpoint trained another set of parameters
         raise UserError(f"--resume {path}: its optimizer state does not fit this run's trainable parameters ({e}): it continues "
                         "only with the flags it was trained with (--lock_image, --lora_rank, --mode, ...); to start "

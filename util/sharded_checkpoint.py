@@ -176,13 +176,12 @@ def load_sharded(path, flag="--resume", verify=True):
     return {**state, "sharded": path}
 
 
-def stored_names(path, key):
-    """Names of the `key` ("model") tensors a sharded checkpoint holds (from its metadata, nothing loaded)."""
+def stored_model(path):
+    """{name: DCP metadata} of the "model" entries a sharded checkpoint holds (its metadata file, nothing else)."""
     import torch.distributed.checkpoint as dcp
 
-    prefix = key + "."
-    return {k[len(prefix):] for k in dcp.FileSystemReader(path).read_metadata().state_dict_metadata
-            if k.startswith(prefix)}
+    return {k[len("model."):]: meta for k, meta in dcp.FileSystemReader(path).read_metadata().state_dict_metadata.items()
+            if k.startswith("model.")}
 
 
 def _last_line(error):
@@ -195,18 +194,17 @@ def records(state):
     return {k: v for k, v in state.items() if k not in ("sharded", CHECKSUM)}
 
 
-def model_tensors(path):
-    """The "model" tensors of the sharded checkpoint `path`, whole, read by this process alone (no collective;
-    the optimizer state is not read): a weights-only start of a new stage from a sharded run."""
+def weights_view(state, path):
+    """The sharded checkpoint `path` as a weights file reads: its records (`state`, as load_sharded returned them)
+    and its "model" tensors, whole, read by this process alone (no collective; the optimizer state is not read)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    stored = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
-    state = {name: torch.empty(tuple(stored["model." + name].size), dtype=stored["model." + name].properties.dtype)
-             for name in stored_names(path, "model") if isinstance(stored["model." + name], TensorStorageMetadata)}
+    model = {name: torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
+             for name, meta in stored_model(path).items() if isinstance(meta, TensorStorageMetadata)}
     with _single_process_quiet(False):
-        dcp.load({"model": state}, checkpoint_id=path, no_dist=True)
-    return state
+        dcp.load({"model": model}, checkpoint_id=path, no_dist=True)
+    return {**records(state), "model": model}
 
 
 def load_model_state(module, path, flag="--resume"):
@@ -215,7 +213,7 @@ def load_model_state(module, path, flag="--resume"):
     import torch.distributed.checkpoint as dcp
 
     state = module.state_dict()
-    saved = stored_names(path, "model")
+    saved = set(stored_model(path))
     missing, unexpected = sorted(set(state) - saved), sorted(saved - set(state))
     if missing or unexpected:
         raise UserError(f"{flag} {path}: does not match this run's model (missing {missing[:3]}, unexpected "
@@ -261,7 +259,8 @@ def optimizer_state(module, optimizer):
 def load_optimizer_state(ckpt, module, optimizer):
     """Restore `optimizer` (over `module`'s parameters, sharded or not) from a training checkpoint of either
     format: a sharded folder (read through DCP, resharded to this run), or a single file (its whole tensors
-    sharded here when the run is)."""
+    sharded here when the run is). `module` (what the parameter names refer to) may be None for a single file
+    in an unsharded run."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
     from torch.distributed.tensor import DTensor
 
