@@ -344,7 +344,6 @@ def run(args, argv):
         if env.is_main:  # (FSDP: every rank took part in gathering the whole weights)
             rep = write_merged(final, dst, source=os.path.join(args.output_dir, LATEST_SHARDED if args.fsdp else LATEST))
             LOG.info(f"merged {len(rep['layers'])} LoRA layers (rank {rep['rank']}, alpha {rep['alpha']:g}) -> {dst}")
-        du.barrier()  # the others wait for rank 0's write: a process group torn down under it aborts it
     LOG.info(f"done in {(time.time() - started) / 60:.1f} min; checkpoints in {args.output_dir}")
     return 0
 

@@ -168,9 +168,20 @@ def any_rank(flag, device):
     return bool(t.item())
 
 
-def cleanup():
-    if is_dist():
-        dist.destroy_process_group()
+def cleanup(finished=False):
+    """Tear the process groups down. After a run that `finished` on this rank, every rank first waits for the
+    others (a rank still writing while its peers tear their groups down can abort), and the run's objects are
+    collected while the interpreter is whole: models with hooks form reference cycles that would otherwise be
+    freed during interpreter shutdown, where a communication thread that releases a tensor aborts the process
+    ('terminate called without an active exception')."""
+    if not is_dist():
+        return
+    if finished:
+        dist.barrier()
+    import gc
+
+    gc.collect()
+    dist.destroy_process_group()
 
 
 def gather_rows_in_index_order(local):

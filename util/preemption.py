@@ -91,7 +91,7 @@ class PreemptionWatch:
 
     def uninstall(self):
         """Restore the previous handlers (the run is over; matters when main() runs inside another program)."""
-        self._state = "done"
+        self._state, self._group = "done", None  # (no reference to a process group outlives the run)
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
         self._previous = {}

@@ -83,9 +83,12 @@ def entry_point(parse_args, run, argv):
 
     setup_logging(None, du.launch_rank())  # the console; lines are held for console.log until it exists
     _RUN["folder_open"] = False
+    finished = False
     try:
         args = parse_args(argv)
-        return run(args, argv)
+        code = run(args, argv)
+        finished = True
+        return code
     except UserError as e:
         rank = du.launch_rank()
         if rank == 0:
@@ -109,7 +112,7 @@ def entry_point(parse_args, run, argv):
         from util.preemption import stop_data_workers, uninstall_all
         uninstall_all()
         stop_data_workers()
-        du.cleanup()
+        du.cleanup(finished)
 
 
 _RUN = {"folder_open": False}  # set once the run's folder exists: errors after it may be one rank's own
