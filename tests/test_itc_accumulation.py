@@ -133,13 +133,13 @@ def test_two_ranks_with_accumulation_equal_one_batch(tiny_tokenizer, demo_data, 
     assert _max_rel(got, ref) < 10 * GRAD_RTOL
 
 
-@pytest.mark.parametrize("loss", ["clip", "siglip"])
-def test_one_epoch_of_accumulation_matches_the_big_batch(demo_data, tmp_path, loss):
-    """Weights after one epoch: batch 16, batch 8 x accum 2, and 2 ranks x 4 x accum 2; the logged duplicate-
-    caption fraction is that of the global batch (the same in all three), and a fresh SigLIP bias starts at the
-    prior of the global batch of 16 in all three."""
+def test_one_epoch_of_accumulation_matches_the_big_batch(demo_data, tmp_path):
+    """SigLIP weights after one epoch: batch 16, batch 8 x accum 2, and 2 ranks x 4 x accum 2 (CLIP's
+    accumulation: test_two_ranks_with_accumulation_equal_one_batch); the logged duplicate-caption fraction is
+    that of the global batch (the same in all three), and a fresh SigLIP bias starts at the prior of the global
+    batch of 16 in all three."""
     runs = {"b16": (1, 16, 1), "b8_accum2": (1, 8, 2), "two_ranks_b4_accum2": (2, 4, 2)}
-    finals, logs = {}, {}
+    finals, logs, loss = {}, {}, "siglip"
     for name, (nproc, batch, accum) in runs.items():
         out = str(tmp_path / name)
         run_entry("main_pretrain_cook.py", [

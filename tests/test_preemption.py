@@ -6,6 +6,7 @@ batch or refuses; a worker killed under torchrun --max-restarts resumes by itsel
 import glob
 import os
 import resource
+import shutil
 import signal
 
 import pytest
@@ -16,13 +17,13 @@ from run_helpers import (finish, flip_a_tensor_byte, kill_when, load_ckpt, logge
 from util.checkpoint import CorruptCheckpoint, load_file, save_atomic
 from util.errors import EXIT_PREEMPTED, EXIT_SAVE_FAILED, EXIT_USER_ERROR
 
-STEPS = 2 * 16  # 96 captions / global batch 6, 2 epochs
+STEPS = 2 * 8  # 48 captions / global batch 6, 2 epochs
 TORCHRUN_SIGNALS = ["--signals-to-handle", "SIGTERM,SIGINT,SIGUSR1"]
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    return make_caption_data(str(tmp_path_factory.mktemp("preempt_data")), n_train=96, n_val=4)
+    return make_caption_data(str(tmp_path_factory.mktemp("preempt_data")), n_train=48, n_val=4)
 
 
 def _args(data, out, batch=6, extra=()):
@@ -48,8 +49,8 @@ def _assert_same(a, b, atol=0.0):
             assert torch.equal(a["model"][k], b["model"][k]), k
 
 
-@pytest.mark.parametrize("sig,target,nproc", [("SIGTERM", "process", 1), ("SIGUSR1", "process", 1),
-                                              ("SIGINT", "group", 1), ("SIGUSR1", "torchrun", 2)])
+@pytest.mark.parametrize("sig,target,nproc", [("SIGTERM", "process", 1), ("SIGINT", "group", 1),
+                                              ("SIGUSR1", "torchrun", 2)])
 def test_a_signal_saves_and_the_same_command_loses_no_step(data, straight, tmp_path, sig, target, nproc):
     out = str(tmp_path / "run")
     args = _args(data, out, batch=6 // nproc)
@@ -113,24 +114,28 @@ def test_the_checksum_catches_a_flipped_byte(tmp_path):
         load_file(path)
 
 
-@pytest.mark.parametrize("damage", ["truncated", "flipped_byte"])
-def test_a_damaged_latest_falls_back_to_the_newest_kept_checkpoint(data, straight, tmp_path, damage):
-    out = str(tmp_path / "run")
-    args = _args(data, out, extra=["--save_per_epochs", "1"])
-    kept = os.path.join(out, "checkpoint-1.pth")
-    assert _stopped_by_sigterm(args, out, lambda o: os.path.exists(kept) and logged_steps(o) >= 19) > 16
-    latest = os.path.join(out, "checkpoint-latest.pth")
-    if damage == "truncated":
-        with open(latest, "r+b") as f:
-            f.truncate(os.path.getsize(latest) // 3)
-    else:
-        flip_a_tensor_byte(latest)
-    proc = run_entry("main_pretrain_cook.py", args)
-    skipped = [line for line in proc.stdout.splitlines() if "skipping" in line]
-    assert len(skipped) == 1 and latest in skipped[0] and kept in skipped[0]
-    assert ("checksum" in skipped[0]) == (damage == "flipped_byte")
-    assert "global step 16" in proc.stdout
-    _assert_same(load_ckpt(latest), straight)
+def test_a_damaged_latest_falls_back_to_the_newest_kept_checkpoint(data, straight, tmp_path):
+    """A truncated latest file (unreadable) and one with a flipped byte (fails its checksum), each in a copy of
+    the same stopped run."""
+    stopped = str(tmp_path / "stopped")
+    args = _args(data, stopped, extra=["--save_per_epochs", "1"])
+    assert _stopped_by_sigterm(args, stopped, lambda o: os.path.exists(os.path.join(o, "checkpoint-1.pth"))
+                               and logged_steps(o) >= STEPS // 2 + 3) > STEPS // 2
+    for damage in ("truncated", "flipped_byte"):
+        out = str(tmp_path / damage)
+        shutil.copytree(stopped, out)
+        latest, kept = os.path.join(out, "checkpoint-latest.pth"), os.path.join(out, "checkpoint-1.pth")
+        if damage == "truncated":
+            with open(latest, "r+b") as f:
+                f.truncate(os.path.getsize(latest) // 3)
+        else:
+            flip_a_tensor_byte(latest)
+        proc = run_entry("main_pretrain_cook.py", _args(data, out, extra=["--save_per_epochs", "1"]))
+        skipped = [line for line in proc.stdout.splitlines() if "skipping" in line]
+        assert len(skipped) == 1 and latest in skipped[0] and kept in skipped[0], damage
+        assert ("checksum" in skipped[0]) == (damage == "flipped_byte")
+        assert f"global step {STEPS // 2}" in proc.stdout
+        _assert_same(load_ckpt(latest), straight)
 
 
 def test_another_world_size_keeps_the_effective_batch_or_refuses(data, straight, tmp_path):

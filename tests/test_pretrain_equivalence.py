@@ -23,8 +23,8 @@ def _args(data, out, batch, accum=1, extra=()):
             "--drop_path", "0", "--num_workers", "0", "--log_freq", "2", "--output_dir", out, *extra]
 
 
-def test_two_ranks_equal_one_rank_with_and_without_accumulation(captions, tmp_path):
-    runs = {"one_rank_b8": (1, 8, 1), "two_ranks_b4": (2, 4, 1), "two_ranks_b2_accum2": (2, 2, 2)}
+def test_two_ranks_with_accumulation_equal_one_rank(captions, tmp_path):
+    runs = {"one_rank_b8": (1, 8, 1), "two_ranks_b2_accum2": (2, 2, 2)}  # (DDP at batch 4: tests/test_fsdp.py)
     finals, vals = {}, {}
     for name, (nproc, batch, accum) in runs.items():
         out = str(tmp_path / name)
@@ -34,12 +34,12 @@ def test_two_ranks_equal_one_rank_with_and_without_accumulation(captions, tmp_pa
         finals[name] = ckpt["model"]
         vals[name] = read_jsonl(os.path.join(out, "log.jsonl"), "val")
     ref = finals["one_rank_b8"]
-    for name in ("two_ranks_b4", "two_ranks_b2_accum2"):
+    for name in ("two_ranks_b2_accum2",):
         for k, v in ref.items():
             torch.testing.assert_close(finals[name][k], v, atol=ATOL, rtol=0, msg=f"{name}: {k}")
     # Training moved the weights (the decoder bias starts at zero), so equality above means something.
     assert ref["mlm_head.decoder.bias"].abs().max() > 100 * ATOL
-    for name in ("two_ranks_b4", "two_ranks_b2_accum2"):
+    for name in ("two_ranks_b2_accum2",):
         for a, b in zip(vals["one_rank_b8"], vals[name]):
             assert a["mlm_loss"] == pytest.approx(b["mlm_loss"], abs=1e-4)
             assert a["mlm_acc"] == pytest.approx(b["mlm_acc"], abs=1e-4)
