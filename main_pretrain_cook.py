@@ -342,7 +342,7 @@ def run(args, argv):
         from util.merge_lora import write_merged
         dst, final = os.path.join(args.output_dir, "checkpoint-merged.pth"), build_state(args.epochs, 0, global_step, True)
         if env.is_main:  # (FSDP: every rank took part in gathering the whole weights; the others wait for this
-            # write in util.dist.cleanup)
+            # write in util.run_common.entry_point)
             rep = write_merged(final, dst, source=os.path.join(args.output_dir, LATEST_SHARDED if args.fsdp else LATEST))
             LOG.info(f"merged {len(rep['layers'])} LoRA layers (rank {rep['rank']}, alpha {rep['alpha']:g}) -> {dst}")
     LOG.info(f"done in {(time.time() - started) / 60:.1f} min; checkpoints in {args.output_dir}")

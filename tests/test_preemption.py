@@ -117,9 +117,11 @@ def test_the_checksum_catches_a_flipped_byte(tmp_path):
 def test_a_damaged_latest_falls_back_to_the_newest_kept_checkpoint(data, straight, tmp_path):
     """A truncated latest file (unreadable) and one with a flipped byte (fails its checksum), each in a copy of
     the same stopped run."""
+    def args(out):
+        return _args(data, out, extra=["--save_per_epochs", "1"])
+
     stopped = str(tmp_path / "stopped")
-    args = _args(data, stopped, extra=["--save_per_epochs", "1"])
-    assert _stopped_by_sigterm(args, stopped, lambda o: os.path.exists(os.path.join(o, "checkpoint-1.pth"))
+    assert _stopped_by_sigterm(args(stopped), stopped, lambda o: os.path.exists(os.path.join(o, "checkpoint-1.pth"))
                                and logged_steps(o) >= STEPS // 2 + 3) > STEPS // 2
     for damage in ("truncated", "flipped_byte"):
         out = str(tmp_path / damage)
@@ -130,7 +132,7 @@ def test_a_damaged_latest_falls_back_to_the_newest_kept_checkpoint(data, straigh
                 f.truncate(os.path.getsize(latest) // 3)
         else:
             flip_a_tensor_byte(latest)
-        proc = run_entry("main_pretrain_cook.py", _args(data, out, extra=["--save_per_epochs", "1"]))
+        proc = run_entry("main_pretrain_cook.py", args(out))
         skipped = [line for line in proc.stdout.splitlines() if "skipping" in line]
         assert len(skipped) == 1 and latest in skipped[0] and kept in skipped[0], damage
         assert ("checksum" in skipped[0]) == (damage == "flipped_byte")

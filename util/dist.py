@@ -1,5 +1,6 @@
 """Distributed setup for torchrun and SLURM (srun) environments; nccl on CUDA, gloo on CPU."""
 import contextlib
+import gc
 import os
 import re
 from dataclasses import dataclass
@@ -168,20 +169,14 @@ def any_rank(flag, device):
     return bool(t.item())
 
 
-def cleanup(finished=False):
-    """Tear the process groups down. After a run that `finished` on this rank, every rank first waits for the
-    others (a rank still writing while its peers tear their groups down can abort), and the run's objects are
-    collected while the interpreter is whole: models with hooks form reference cycles that would otherwise be
-    freed during interpreter shutdown, where a communication thread that releases a tensor aborts the process
-    ('terminate called without an active exception')."""
-    if not is_dist():
-        return
-    if finished:
-        dist.barrier()
-    import gc
-
-    gc.collect()
-    dist.destroy_process_group()
+def cleanup():
+    """Tear the process groups down, after collecting the run's objects while the interpreter is whole: models
+    with hooks form reference cycles that would otherwise be freed during interpreter shutdown, where a
+    communication thread that releases a tensor aborts the process ('terminate called without an active
+    exception')."""
+    if is_dist():
+        gc.collect()
+        dist.destroy_process_group()
 
 
 def gather_rows_in_index_order(local):

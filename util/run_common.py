@@ -83,11 +83,10 @@ def entry_point(parse_args, run, argv):
 
     setup_logging(None, du.launch_rank())  # the console; lines are held for console.log until it exists
     _RUN["folder_open"] = False
-    finished = False
     try:
         args = parse_args(argv)
         code = run(args, argv)
-        finished = True
+        du.barrier()  # the ranks leave together: one still writing while its peers tear their groups down aborts
         return code
     except UserError as e:
         rank = du.launch_rank()
@@ -112,7 +111,7 @@ def entry_point(parse_args, run, argv):
         from util.preemption import stop_data_workers, uninstall_all
         uninstall_all()
         stop_data_workers()
-        du.cleanup(finished)
+        du.cleanup()
 
 
 _RUN = {"folder_open": False}  # set once the run's folder exists: errors after it may be one rank's own
