@@ -77,6 +77,10 @@ def load_pretrained_weights(model, state_dict, path, flag="--resume", ckpt_confi
             what = "vocabulary size (--tokenizer)" if "word_embeddings" in k else "architecture (--model)"
             raise UserError(f"{flag} {path}: tensor {k} has shape {tuple(src.shape)} but the model expects "
                             f"{tuple(dst.shape)}: a different {what}")
+    if "image_pos_embed" in to_load and ckpt_config:  # stored divided by the gain the checkpoint was made with
+        src_gain, gain = recorded_config(ckpt_config)["image_pos_gain"], model.config["image_pos_gain"]
+        if src_gain != gain:
+            to_load["image_pos_embed"] = to_load["image_pos_embed"] * (src_gain / gain)
     model.load_state_dict(to_load, strict=False)
     report["loaded"] = sorted(to_load)
     report["unused"] = sorted(k for k in state_dict if k not in own)

@@ -31,7 +31,7 @@ from custom_datasets.parallel_text import ParallelCollator, ParallelTextDataset
 from models.contrastive import clip_loss
 from models.dual_encoder import OURS, is_dual_encoder_config
 from models.loading import load_weights
-from models.registry import ARCHITECTURE_KEYS, model_from_config
+from models.registry import ARCHITECTURE_KEYS, model_from_config, recorded_config
 from modes import register_mode
 from modes.base import PretrainData, PretrainMode
 from util.checkpoint import extract_state_dict, load_file
@@ -42,7 +42,8 @@ from util.resume import ResumePlan
 
 DISTILL_LOSSES = ("mse", "contrastive", "both")
 # Architecture keys of a multiway teacher the student keeps (its vocabulary and text length are the run's).
-_KEEP = ARCHITECTURE_KEYS + ("img_size", "image_pos_embed", "itc_loss", "itc_pool", "layer_scale_init")
+_KEEP = ARCHITECTURE_KEYS + ("img_size", "image_pos_embed", "image_pos_gain", "itc_loss", "itc_pool",
+                             "layer_scale_init")
 
 
 @register_mode
@@ -126,7 +127,7 @@ class TextDistill(PretrainMode):
             if self.student_text_tower() != OURS:
                 raise UserError(f"--text_tower {self.student_text_tower()}: a Hugging Face student needs a dual-"
                                 "encoder teacher; the multiway teacher's student is its own text path")
-            return {k: config[k] for k in _KEEP if k in config}
+            return {k: v for k, v in recorded_config(config).items() if k in _KEEP}
         image, text = config["image"], config["text"]
         out = {"image_tower": image["name"], "image_tower_kwargs": image["kwargs"], "img_size": image["img_size"],
                "embed_dim": config["embed_dim"], "itc_loss": config["itc_loss"], "image_tower_weights": None}

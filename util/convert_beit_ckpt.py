@@ -38,7 +38,7 @@ from models.loading import grid_from_buckets, resize_patch_position_embedding  #
 from models.registry import model_config as registry_model_config  # noqa: E402
 from models.registry import backbone_names  # noqa: E402
 from models.relative_position import resize_relative_position_table  # noqa: E402
-from models.vlmo import POS_EMBED_GAIN, VLMo  # noqa: E402
+from models.vlmo import VLMo  # noqa: E402
 from util.checkpoint import extract_state_dict, save_atomic  # noqa: E402
 from util.errors import UserError, run_cli  # noqa: E402
 
@@ -165,7 +165,7 @@ def convert_beit_state_dict(sd: dict[str, torch.Tensor], model_config: dict, *,
         if patches.shape[1] != shapes["image_pos_embed"][1]:
             patches = resize_patch_position_embedding(patches, grid)
             report["resized"] = report["resized"] or "pos_embed"
-        put("image_pos_embed", patches / POS_EMBED_GAIN, "pos_embed")
+        put("image_pos_embed", patches / model_config["image_pos_gain"], "pos_embed")
         if "cls_token" in out:
             out["cls_token"] = out["cls_token"] + abs_pos[:, :1]
 

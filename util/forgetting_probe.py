@@ -36,7 +36,7 @@ from custom_datasets.tokenizer import tokenizer_from_state  # noqa: E402
 from engine_pretrain import evaluate  # noqa: E402
 from models.loading import load_pretrained_weights  # noqa: E402
 from models.merge import has_lora, merge_lora_state_dict  # noqa: E402
-from models.registry import model_config  # noqa: E402
+from models.registry import model_config, recorded_config  # noqa: E402
 from models.vlmo import VLMo  # noqa: E402
 from modes import image_mim, text_mlm  # noqa: E402
 from util.checkpoint import extract_state_dict, load_file  # noqa: E402
@@ -60,7 +60,7 @@ class Probed:
             if not fallback_model:
                 raise UserError(f"{flag} {path}: records no model_config; name the architecture with --model")
             config = model_config(fallback_model)
-        self.path, self.config = path, dict(config, drop_path_rate=0.0)
+        self.path, self.config = path, dict(recorded_config(config), drop_path_rate=0.0)
         self.model = VLMo(self.config)
         load_pretrained_weights(self.model, sd, path, flag, config)
         self.model.to(device).eval()
