@@ -84,7 +84,7 @@ def init_fresh_vit(tower):
     an rms of ~0.8 and vary across images by ~0.35 per element at any width, so CLIP's width^-0.5 (0.125 at 64,
     0.088 at 128) starts the positions well below the content, and Adam moves them ~lr per step; at 0.5 the
     position is as visible as the content from step 0 (dual encoder zero-shot over seeds 0-2: 2x64 0.960 ->
-    0.977, SigLIP 0.938 -> 0.967; 4x128 patch 8 0.975 -> 0.988, open_clip 0.986; std 1.0: 0.976 on seed 0)."""
+    0.977, SigLIP 0.938 -> 0.967; 4x128 patch 8 0.975 -> 0.988, open_clip 0.988; std 1.0: 0.976 on seed 0)."""
     tower.init_weights("jax")
     if isinstance(getattr(tower, "pos_embed", None), nn.Parameter):
         with torch.no_grad():
