@@ -78,7 +78,10 @@ def test_accumulated_gradient_equals_the_whole_batch_gradient(tiny_tokenizer, lo
         got = _grads(model, batch, k)
         assert set(got) == set(ref)
         for name, g in ref.items():  # the temperature (and bias) once, not k times
-            torch.testing.assert_close(got[name], g, rtol=GRAD_RTOL, atol=1e-7, msg=f"k={k} {name}")
+            # atol scales with the tensor: an embedding row's gradient sums every token's, so fp32 reordering
+            # moves its small entries by ~1e-7 of the tensor's largest (seen: 4.8e-7 at a largest entry of 2.5)
+            torch.testing.assert_close(got[name], g, rtol=GRAD_RTOL, atol=1e-7 + 1e-6 * float(g.abs().max()),
+                                       msg=f"k={k} {name}")
     # The per-micro-batch loss (what accumulation did before) is another objective.
     assert _max_rel(_grads(model, batch, 2, exact=False), ref) > 10 * GRAD_RTOL
 

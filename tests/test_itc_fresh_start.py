@@ -159,9 +159,9 @@ def test_image_position_embedding_is_zero_at_init_resized_and_absent_from_older_
 
 
 def test_a_checkpoint_made_at_another_position_gain_computes_what_it_was_trained_to():
-    """image_pos_embed is stored divided by the model's image_pos_gain (30 fresh; 10 in configs that predate the
-    key): resuming keeps the checkpoint's gain, weights loaded into a model of another gain are rescaled."""
-    old = create_model("vlmo_tiny_patch16", image_pos_gain=10.0).eval()
+    """image_pos_embed is stored divided by the model's image_pos_gain (10 in configs that predate the key):
+    resuming keeps the checkpoint's gain, weights loaded into a model of another gain are rescaled."""
+    old = create_model("vlmo_tiny_patch16").eval()
     with torch.no_grad():
         old.image_pos_embed.normal_()
     legacy = {k: v for k, v in old.config.items() if k != "image_pos_gain"}  # written before the key existed
@@ -169,11 +169,11 @@ def test_a_checkpoint_made_at_another_position_gain_computes_what_it_was_trained
     with torch.no_grad():
         want = old.forward_image_features(images)
         resumed = model_for_resume(legacy, "vlmo_tiny_patch16", {}, "old.pth").eval()
-        assert resumed.config["image_pos_gain"] == 10.0
+        assert resumed.config["image_pos_gain"] == old.config["image_pos_gain"] == 10.0
         resumed.load_state_dict(old.state_dict())
         torch.testing.assert_close(resumed.forward_image_features(images), want)
-        fresh = create_model("vlmo_tiny_patch16").eval()
-        assert fresh.config["image_pos_gain"] == 30.0
+        fresh = create_model("vlmo_tiny_patch16", image_pos_gain=30.0).eval()
         load_weights(fresh, old.state_dict(), "old.pth", ckpt_config=legacy)
         torch.testing.assert_close(fresh.forward_image_features(images), want)
         assert not torch.equal(fresh.image_pos_embed, old.image_pos_embed)
+    assert model_for_resume(fresh.config, "vlmo_tiny_patch16", {}, "new.pth").config["image_pos_gain"] == 30.0

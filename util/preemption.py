@@ -64,7 +64,7 @@ class PreemptionWatch:
         self.pid = os.getpid()
         self.received = None  # name of the first signal received, once one is
         self.slack_s = slack_s
-        self._previous, self._wakeup = {}, None
+        self._previous, self._wakeup, self._thread = {}, None, None
         self._group = None
         self._flag = torch.zeros(1, dtype=torch.int32)
         self._state = "starting"  # starting -> training (steps beat) <-> holding (save, evaluation) -> done
@@ -83,7 +83,8 @@ class PreemptionWatch:
         os.set_blocking(write_fd, False)
         self._wakeup, self._write_fd = signal.set_wakeup_fd(write_fd), write_fd
         _ACTIVE.append(self)
-        threading.Thread(target=self._watch, args=(read_fd,), name="preemption-watch", daemon=True).start()
+        self._thread = threading.Thread(target=self._watch, args=(read_fd,), name="preemption-watch", daemon=True)
+        self._thread.start()
         if dist.is_available() and dist.is_initialized():
             # one gloo group for the whole job: the default group itself when it is gloo (CPU runs)
             self._group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
@@ -99,6 +100,11 @@ class PreemptionWatch:
             signal.set_wakeup_fd(self._wakeup)
             os.close(self._write_fd)  # the watcher thread reads end-of-file and returns
             self._wakeup = None
+            # Wait for it: a daemon thread still alive when the interpreter finalizes can abort the process at
+            # exit ('terminate called without an active exception', 1 single-process run in ~10 here, after
+            # "done"); the thread holds no lock and returns at once on end-of-file.
+            if self._thread is not threading.current_thread():
+                self._thread.join(timeout=5)
         if self in _ACTIVE:
             _ACTIVE.remove(self)
 
@@ -120,6 +126,7 @@ class PreemptionWatch:
         while True:
             data = os.read(read_fd, 64)
             if not data:
+                os.close(read_fd)
                 return
             for signum in data:
                 if signum not in SIGNALS or os.getpid() != self.pid:
