@@ -94,7 +94,8 @@ def build_ours(a, vocab_size, max_len):
         m = create_model("vlmo_tiny_patch16", embed_dim=a.width, depth=a.depth, num_heads=a.heads,
                          patch_size=a.patch, img_size=a.img_size, vocab_size=vocab_size, max_text_len=max_len,
                          vl_start=a.depth, itc_pool=a.pool, itc_loss=a.loss,
-                         **({} if a.layer_scale_init is None else {"layer_scale_init": a.layer_scale_init}))
+                         **({} if a.layer_scale_init is None else {"layer_scale_init": a.layer_scale_init}),
+                         **({} if a.image_pos_gain is None else {"image_pos_gain": a.image_pos_gain}))
     configure_trainable(m, "image_text_itc")
     # what main_pretrain_cook does to a fresh model: the SigLIP bias at the prior of the global batch
     ImageTextITC(argparse.Namespace(siglip_bias_init=a.siglip_bias_init)).init_fresh(m, set(), a.batch)
@@ -264,6 +265,8 @@ def main():
                    help="open_clip's SigLIP bias init (the paper's -10)")
     p.add_argument("--layer_scale_init", type=float, default=None,
                    help="ours (multiway model): layer scale init override (default: the registry's)")
+    p.add_argument("--image_pos_gain", type=float, default=None,
+                   help="ours (multiway model): image_pos_gain override (default: the registry's)")
     p.add_argument("--image_tower_kwargs", default="{}", help="dual_encoder: extra timm kwargs (JSON)")
     p.add_argument("--skip_open_clip", action="store_true", help="train ours only (quick experiments)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
