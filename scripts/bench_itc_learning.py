@@ -94,8 +94,8 @@ def build_ours(a, vocab_size, max_len):
         m = create_model("vlmo_tiny_patch16", embed_dim=a.width, depth=a.depth, num_heads=a.heads,
                          patch_size=a.patch, img_size=a.img_size, vocab_size=vocab_size, max_text_len=max_len,
                          vl_start=a.depth, itc_pool=a.pool, itc_loss=a.loss,
-                         **({} if a.layer_scale_init is None else {"layer_scale_init": a.layer_scale_init}),
-                         **({} if a.image_pos_gain is None else {"image_pos_gain": a.image_pos_gain}))
+                         **{k: v for k, v in (("layer_scale_init", a.layer_scale_init),
+                                              ("image_pos_gain", a.image_pos_gain)) if v is not None})
     configure_trainable(m, "image_text_itc")
     # what main_pretrain_cook does to a fresh model: the SigLIP bias at the prior of the global batch
     ImageTextITC(argparse.Namespace(siglip_bias_init=a.siglip_bias_init)).init_fresh(m, set(), a.batch)
