@@ -12,10 +12,12 @@ from PIL import Image
 
 import util.itc_monitor as itc_monitor
 from custom_datasets.image_dataset import ResizedCropView
-from main_pretrain_cook import parse_args
+from main_pretrain_cook import model_overrides, parse_args
 from models.contrastive import embedding_spread, siglip_chance_loss, siglip_prior_bias
 from models.loading import load_weights, model_for_resume
 from models.registry import create_model, model_from_config
+from models.vlmo import fresh_image_pos_gain
+from modes import get_mode
 from modes.image_text_itc import ImageTextITC
 from util.errors import UserError
 
@@ -177,3 +179,23 @@ def test_a_checkpoint_made_at_another_position_gain_computes_what_it_was_trained
         torch.testing.assert_close(fresh.forward_image_features(images), want)
         assert not torch.equal(fresh.image_pos_embed, old.image_pos_embed)
     assert model_for_resume(fresh.config, "vlmo_tiny_patch16", {}, "new.pth").config["image_pos_gain"] == 30.0
+
+
+def test_a_fresh_model_takes_the_position_gain_of_its_lr_and_a_loaded_one_the_registrys(demo_data):
+    """gain = 0.03 / peak lr within [10, 100] for a fresh model; --model_kwargs wins; weights loaded (BEiT,
+    an earlier stage) keep the registry's 10, their stored positions rescaled to it by the loader."""
+    assert [fresh_image_pos_gain(lr) for lr in (1e-3, 2e-3, 3e-3, 1e-2, 1e-4, 0.0)] == pytest.approx(
+        [30, 15, 10, 10, 100, 100])
+    logged = []
+    fresh_image_pos_gain(1e-3, logged.append)
+    assert len(logged) == 1 and "image_pos_gain 30" in logged[0] and "--model_kwargs" in logged[0]
+
+    def gain(fresh, *extra):
+        args = _itc_args(demo_data, "--model", "vlmo_tiny_patch16", *extra)
+        tokenizer = argparse.Namespace(vocab_size=100)
+        return model_overrides(args, tokenizer, get_mode(args.mode)(args), fresh).get("image_pos_gain")
+
+    assert gain(True, "--lr", "1e-3") == pytest.approx(30.0)
+    assert gain(True, "--lr", "1.5e-3") == pytest.approx(20.0)
+    assert gain(False, "--lr", "1e-3") is None  # the registry's default
+    assert gain(True, "--lr", "1e-3", "--model_kwargs", '{"image_pos_gain": 7}') == 7

@@ -78,6 +78,7 @@ def test_clip_diagnostics_and_evaluation_equal_on_one_and_two_ranks(demo_data, t
     ckpt = os.path.join(out, "checkpoint-latest.pth")
     # evaluated on the whole image training sees (crop 1.0), recorded for the standalone evaluation below
     assert load_ckpt(ckpt)["image_preprocess"]["crop_pct"] == 1.0
+    assert load_ckpt(ckpt)["model_config"]["image_pos_gain"] == pytest.approx(30.0)  # fresh at lr 1e-3
     results = []
     for nproc in (1, 2):
         dst = str(tmp_path / f"eval{nproc}.json")
@@ -113,6 +114,7 @@ def test_lit_with_lora_is_evaluated_as_trained_and_never_merged(demo_data, weigh
                                                                       "--lora_rank", "2", "--lr", "5e-3"]))
     val = read_jsonl(os.path.join(out, "log.jsonl"), "val")[-1]
     ckpt = os.path.join(out, "checkpoint-latest.pth")
+    assert load_ckpt(ckpt)["model_config"]["image_pos_gain"] == 10.0  # loaded weights: the registry's gain
     dst = str(tmp_path / "eval.json")
     run_entry("util/eval_itc.py", ["--checkpoint", ckpt, "--val_data_path", str(demo_data["pairs_val"]),
                                    "--zeroshot_data_path", str(demo_data["images_val"]), "--num_workers", "0",
