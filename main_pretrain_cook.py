@@ -18,7 +18,6 @@ from models.sharding import describe_shards, shard_model
 from models.registry import (DUAL_ENCODER, check_overrides, create_model, model_config, model_names, model_options,
                              patch_grid, switches_of)
 from models.trainable import configure_trainable
-from models.vlmo import fresh_image_pos_gain
 from modes import all_modes, get_mode, mode_names
 from modes.base import PretrainModel
 from util import dist as du
@@ -203,8 +202,9 @@ def load_run_tokenizer(args, plan):
 
 
 def model_overrides(args, tokenizer, mode, fresh):
-    """Registry overrides of this run: the flags and the tokenizer where the model has such a setting (a `fresh`
-    model's image position gain: of its lr), the mode's own (heads, losses), then --model_kwargs, which wins."""
+    """Registry overrides of this run: the flags and the tokenizer where the model has such a setting, the
+    mode's own (heads, losses; for a `fresh` model also its fresh_model_overrides), then --model_kwargs, which
+    wins."""
     run = dict(vocab_size=tokenizer.vocab_size, ffn_layout=args.ffn_layout, drop_path_rate=args.drop_path,
                max_text_len=args.max_text_len if hf_text_folder(args) else max(args.max_text_len, 196),
                image_tower=args.image_tower, image_tower_weights=args.image_tower_weights,
@@ -215,8 +215,8 @@ def model_overrides(args, tokenizer, mode, fresh):
     if args.img_size:
         run["img_size"] = args.img_size
     options, own = model_options(args.model), mode.model_overrides()  # e.g. text_distill: the teacher's architecture
-    if fresh and "image_pos_gain" in set(options) - set(own) - set(args.model_kwargs):  # loaded: the registry's
-        run["image_pos_gain"] = fresh_image_pos_gain(args.lr, LOG.info)
+    if fresh:  # a loaded model keeps the registry's values: the loader rescales what it stores to them
+        run.update(mode.fresh_model_overrides(set(options) - set(own) - set(args.model_kwargs)))
     run.update(own)
     return {**{k: v for k, v in run.items() if k in options}, **args.model_kwargs}
 

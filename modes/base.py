@@ -81,6 +81,11 @@ class PretrainMode:
     def model_overrides(self):
         return {}
 
+    def fresh_model_overrides(self, settable):
+        """Registry overrides of a freshly initialised model (nothing loaded), among the keys `settable`: those the
+        model has and neither --model_kwargs nor model_overrides() sets (default: none)."""
+        return {}
+
     def init_fresh(self, backbone, loaded, global_batch):
         """Initialise run-dependent parameters that no checkpoint provided (default: nothing)."""
 

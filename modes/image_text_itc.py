@@ -44,7 +44,7 @@ from custom_datasets.pair_dataset import build_pair_dataset, is_shard_path
 from custom_datasets.parquet_pairs import is_parquet_path
 from models.contrastive import clamp_logit_scale_, contrastive_loss, siglip_prior_bias
 from models.trainable import on_image_path
-from models.vlmo import ITC_LOSSES
+from models.vlmo import ITC_LOSSES, fresh_image_pos_gain
 from modes import register_mode
 from modes.base import PretrainData, PretrainMode
 from util import dist as du
@@ -133,6 +133,12 @@ class ImageTextITC(PretrainMode):
 
     def model_overrides(self):
         return {"itc_loss": self.args.itc_loss, "itc_pool": self.args.itc_pool}
+
+    def fresh_model_overrides(self, settable):
+        """A fresh multiway model's image positions learn at fresh_image_pos_gain(lr) x the base rate."""
+        if "image_pos_gain" not in settable:  # set by --model_kwargs, or a dual encoder
+            return {}
+        return {"image_pos_gain": fresh_image_pos_gain(self.args.lr, LOG.info)}
 
     def init_fresh(self, backbone, loaded, global_batch):
         """A SigLIP bias no checkpoint provided starts at --siglip_bias_init (see siglip_prior_bias)."""

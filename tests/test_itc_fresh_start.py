@@ -182,16 +182,18 @@ def test_a_checkpoint_made_at_another_position_gain_computes_what_it_was_trained
 
 
 def test_a_fresh_model_takes_the_position_gain_of_its_lr_and_a_loaded_one_the_registrys(demo_data):
-    """gain = 0.03 / peak lr within [10, 100] for a fresh model; --model_kwargs wins; weights loaded (BEiT,
-    an earlier stage) keep the registry's 10, their stored positions rescaled to it by the loader."""
+    """image_text_itc: gain = 0.03 / peak lr within [10, 30] for a fresh model; --model_kwargs wins; weights
+    loaded (BEiT, an earlier stage) keep the registry's 10, their stored positions rescaled to it by the loader,
+    and so does every other mode."""
     assert [fresh_image_pos_gain(lr) for lr in (1e-3, 2e-3, 3e-3, 1e-2, 1e-4, 0.0)] == pytest.approx(
-        [30, 15, 10, 10, 100, 100])
+        [30, 15, 10, 10, 30, 30])
     logged = []
     fresh_image_pos_gain(1e-3, logged.append)
     assert len(logged) == 1 and "image_pos_gain 30" in logged[0] and "--model_kwargs" in logged[0]
 
-    def gain(fresh, *extra):
-        args = _itc_args(demo_data, "--model", "vlmo_tiny_patch16", *extra)
+    def gain(fresh, *extra, mode="image_text_itc", data="pairs_train"):
+        args = parse_args(["--exp_name", mode, "--data_path", str(demo_data[data]), "--model", "vlmo_tiny_patch16",
+                           *extra])
         tokenizer = argparse.Namespace(vocab_size=100)
         return model_overrides(args, tokenizer, get_mode(args.mode)(args), fresh).get("image_pos_gain")
 
@@ -199,3 +201,5 @@ def test_a_fresh_model_takes_the_position_gain_of_its_lr_and_a_loaded_one_the_re
     assert gain(True, "--lr", "1.5e-3") == pytest.approx(20.0)
     assert gain(False, "--lr", "1e-3") is None  # the registry's default
     assert gain(True, "--lr", "1e-3", "--model_kwargs", '{"image_pos_gain": 7}') == 7
+    assert gain(True, "--lr", "1e-3", "--mim_target", "pixel", mode="image_mim", data="images_train") is None
+    assert gain(True, "--lr", "1e-3", mode="text_mlm", data="captions_train") is None
