@@ -5,8 +5,8 @@ Data: scikit-learn's bundled handwritten digits (1797 real 8x8 scans, offline), 
 captioned with a few templates ("a photo of the digit seven", "a handwritten seven", ...); a fixed stratified
 held-out split (30%). Both models are trained in the same run on the same batches and captions (same word-level
 token ids: [CLS]=1 first, [EOT] = highest id last, so open_clip's argmax pooling finds it), with the same loss
-code (models/contrastive.py), optimizer (AdamW, cosine schedule with warmup), steps, batch and lr, and the CLIP
-temperature clamped to [0, ln 100] after each step for both.
+code (models/contrastive.py), optimizer (AdamW with each codebase's own weight-decay groups, cosine schedule
+with warmup), steps, batch and lr, and the CLIP temperature clamped to [0, ln 100] after each step for both.
 
 Prints, per seed and averaged over --seeds:
   spread at init: 1 - mean off-diagonal cosine similarity of a training batch's normalised image (text)
@@ -37,6 +37,7 @@ from models.registry import create_model  # noqa: E402
 from models.trainable import configure_trainable  # noqa: E402
 from models.vlmo import fresh_image_pos_gain  # noqa: E402
 from modes.image_text_itc import ImageTextITC  # noqa: E402
+from util.optim_factory import param_groups  # noqa: E402
 
 NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 TEMPLATES = ["a photo of the digit {}", "a handwritten {}", "the number {}", "a scan of a handwritten {}",
@@ -141,15 +142,17 @@ def loss_of(model, img, txt):
 
 
 def optimizer(model, a):
-    decay, no_decay = [], []
-    for n, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        skip = p.ndim < 2 or any(k in n for k in ("embed", "token", "relative_position", "positional",
-                                                  "class_embedding", "logit_"))
-        (no_decay if skip else decay).append(p)
-    return torch.optim.AdamW([{"params": decay, "weight_decay": a.wd}, {"params": no_decay, "weight_decay": 0.0}],
-                             lr=a.lr, betas=(0.9, 0.98), eps=1e-6)
+    """AdamW with each codebase's own weight-decay groups: ours as main_pretrain_cook builds them
+    (util/optim_factory.py), open_clip's as its training script does (no decay on tensors under 2-D, norms,
+    biases and the logit scale)."""
+    if isinstance(model, OpenCLIP):
+        skip = lambda n, p: p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n  # noqa: E731
+        trainable = [(n, p) for n, p in model.clip.named_parameters() if p.requires_grad]
+        groups = [{"params": [p for n, p in trainable if not skip(n, p)], "weight_decay": a.wd},
+                  {"params": [p for n, p in trainable if skip(n, p)], "weight_decay": 0.0}]
+    else:
+        groups = param_groups(model, a.wd)
+    return torch.optim.AdamW(groups, lr=a.lr, betas=(0.9, 0.98), eps=1e-6)
 
 
 def lr_at(step, a):
