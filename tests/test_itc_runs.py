@@ -54,7 +54,9 @@ def test_lock_image_keeps_image_embeddings_bit_identical(demo_data, weights, tmp
     out = str(tmp_path / "lit")
     run_entry("main_pretrain_cook.py", _args(demo_data, out, "siglip", ["--lock_image", "--resume", weights,
                                                                         "--lora_rank", str(lora)]))
-    after = load_ckpt(os.path.join(out, "checkpoint-latest.pth"))["model"]
+    ckpt = load_ckpt(os.path.join(out, "checkpoint-latest.pth"))
+    assert ckpt["model_config"]["image_pos_gain"] == 10.0  # loaded weights at lr 1e-3: the registry's gain
+    after = ckpt["model"]
     before = torch.load(weights, weights_only=True)["model"]
     assert torch.equal(_image_embeddings(before, demo_data), _image_embeddings(after, demo_data))
     changed = [k for k in after if k not in before or not torch.equal(before[k], after[k])]
@@ -114,7 +116,6 @@ def test_lit_with_lora_is_evaluated_as_trained_and_never_merged(demo_data, weigh
                                                                       "--lora_rank", "2", "--lr", "5e-3"]))
     val = read_jsonl(os.path.join(out, "log.jsonl"), "val")[-1]
     ckpt = os.path.join(out, "checkpoint-latest.pth")
-    assert load_ckpt(ckpt)["model_config"]["image_pos_gain"] == 10.0  # loaded weights: the registry's gain
     dst = str(tmp_path / "eval.json")
     run_entry("util/eval_itc.py", ["--checkpoint", ckpt, "--val_data_path", str(demo_data["pairs_val"]),
                                    "--zeroshot_data_path", str(demo_data["images_val"]), "--num_workers", "0",
