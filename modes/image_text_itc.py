@@ -44,7 +44,7 @@ from custom_datasets.pair_dataset import build_pair_dataset, is_shard_path
 from custom_datasets.parquet_pairs import is_parquet_path
 from models.contrastive import clamp_logit_scale_, contrastive_loss, siglip_prior_bias
 from models.trainable import on_image_path
-from models.vlmo import ITC_LOSSES, fresh_image_pos_gain
+from models.vlmo import ITC_LOSSES
 from modes import register_mode
 from modes.base import PretrainData, PretrainMode
 from util import dist as du
@@ -61,6 +61,35 @@ from util.run_common import autocast_context, autocast_setup
 # Batch entries the exact accumulation adds for a micro-batch's recompute (see accumulate_exactly).
 GRAD_KEYS = ("itc_grad_image", "itc_grad_text")
 CACHE_KEYS = ("itc_cached_image", "itc_cached_text")
+
+IMAGE_POS_STEP = 0.03  # gain x peak lr of a fresh image_text_itc run
+IMAGE_POS_GAIN_RANGE = (10.0, 30.0)
+
+
+def fresh_image_pos_gain(lr, log=None):
+    """The image position gain of a fresh multiway model trained for this mode at peak `lr`, said to `log`:
+    IMAGE_POS_STEP / lr within IMAGE_POS_GAIN_RANGE. ImageTextITC.fresh_model_overrides applies it when nothing is loaded
+    and --model_kwargs does not set image_pos_gain; a loaded model keeps the registry's 10 (the loader rescales the
+    stored positions to it), and so does every other mode.
+
+    Measured with scripts/bench_itc_learning.py (zero-shot top-1 on held-out digits; the gain sweeps predate its
+    per-codebase weight-decay groups, under which gain 30 gives CLS 0.987, mean 0.986, open_clip 0.990):
+    - 4 x 128, patch 8, CLIP, lr 1e-3. CLS pooling, gain 3 / 10 / 30 / 100: 0.972 (seeds 0, 1) / 0.983 (seeds
+      0-2) / 0.984 / 0.986 (seeds 0-4); mean pooling, gain 10 / 30 / 100: 0.977 (seeds 0, 1) / 0.985 (seeds
+      0-4) / 0.984 (seeds 0, 1); open_clip 0.988 (seeds 0-4).
+    - 2 x 64, patch 16, SigLIP, CLS, seeds 0-2, gain 10 / 30 / 100: lr 3e-4 0.921 / 0.938 / 0.944; lr 1e-3
+      0.957 / 0.971 / -; lr 3e-3 0.955 / 0.954 / 0.961. Gain 100 cost text-to-image R@1 at both rates (0.966,
+      0.967 against 1.000), hence the ceiling of 30; the floor is the old fixed value.
+    Pixel-target image_mim prefers a low gain at every rate (demo images, 2 x 64, held-out loss after 4 epochs,
+    2 x 2 patches, gain 10 / 30: lr 1e-3 0.968 / 0.980, lr 2e-3 0.951 / 0.984, lr 3e-3 0.958 / 0.980; 8 x 8
+    patches, 8 epochs, lr 1e-3, gain 3 / 10 / 30 / 100: 0.848 / 0.848 / 0.849 / 0.850), so it keeps 10.
+    """
+    low, high = IMAGE_POS_GAIN_RANGE
+    gain = float(min(max(IMAGE_POS_STEP / lr, low), high)) if lr > 0 else high
+    if log is not None:
+        log(f"fresh model: image_pos_gain {gain:g} ({IMAGE_POS_STEP:g} / lr {lr:.3e}, within {low:g}-{high:g}); "
+            "--model_kwargs '{\"image_pos_gain\": G}' sets another")
+    return gain
 
 
 class _ShardEpochs:

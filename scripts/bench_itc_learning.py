@@ -35,7 +35,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from models.contrastive import clamp_logit_scale_, clip_loss, contrastive_loss, siglip_loss  # noqa: E402
 from models.registry import create_model  # noqa: E402
 from models.trainable import configure_trainable  # noqa: E402
-from models.vlmo import fresh_image_pos_gain  # noqa: E402
 from modes.image_text_itc import ImageTextITC  # noqa: E402
 from util.optim_factory import param_groups  # noqa: E402
 
@@ -85,6 +84,10 @@ def captions(labels, gen):
 
 
 def build_ours(a, vocab_size, max_len):
+    # what main_pretrain_cook does for a fresh model: the mode's fresh overrides, the SigLIP bias at the prior
+    mode = ImageTextITC(argparse.Namespace(siglip_bias_init=a.siglip_bias_init, lr=a.lr))
+    explicit = {k: v for k, v in (("layer_scale_init", a.layer_scale_init), ("image_pos_gain", a.image_pos_gain))
+                if v is not None}
     if a.arch == "dual_encoder":
         m = create_model("dual_encoder", image_tower="vit_tiny_patch16_224", text_tower="ours",
                          embed_dim=a.width, itc_loss=a.loss, img_size=a.img_size, vocab_size=vocab_size,
@@ -96,11 +99,9 @@ def build_ours(a, vocab_size, max_len):
         m = create_model("vlmo_tiny_patch16", embed_dim=a.width, depth=a.depth, num_heads=a.heads,
                          patch_size=a.patch, img_size=a.img_size, vocab_size=vocab_size, max_text_len=max_len,
                          vl_start=a.depth, itc_pool=a.pool, itc_loss=a.loss,
-                         image_pos_gain=fresh_image_pos_gain(a.lr) if a.image_pos_gain is None else a.image_pos_gain,
-                         **({} if a.layer_scale_init is None else {"layer_scale_init": a.layer_scale_init}))
+                         **mode.fresh_model_overrides({"image_pos_gain"} - set(explicit)), **explicit)
     configure_trainable(m, "image_text_itc")
-    # what main_pretrain_cook does to a fresh model: the SigLIP bias at the prior of the global batch
-    ImageTextITC(argparse.Namespace(siglip_bias_init=a.siglip_bias_init)).init_fresh(m, set(), a.batch)
+    mode.init_fresh(m, set(), a.batch)
     return m
 
 
@@ -271,7 +272,7 @@ def main():
                    help="ours (multiway model): layer scale init override (default: the registry's)")
     p.add_argument("--image_pos_gain", type=float, default=None,
                    help="ours (multiway model): image_pos_gain override (default: what a fresh run at --lr takes, "
-                        "models/vlmo.py:fresh_image_pos_gain)")
+                        "modes/image_text_itc.py:fresh_image_pos_gain)")
     p.add_argument("--image_tower_kwargs", default="{}", help="dual_encoder: extra timm kwargs (JSON)")
     p.add_argument("--skip_open_clip", action="store_true", help="train ours only (quick experiments)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])

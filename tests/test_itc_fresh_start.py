@@ -16,9 +16,8 @@ from main_pretrain_cook import model_overrides, parse_args
 from models.contrastive import embedding_spread, siglip_chance_loss, siglip_prior_bias
 from models.loading import load_weights, model_for_resume
 from models.registry import create_model, model_from_config
-from models.vlmo import fresh_image_pos_gain
 from modes import get_mode
-from modes.image_text_itc import ImageTextITC
+from modes.image_text_itc import ImageTextITC, fresh_image_pos_gain
 from util.errors import UserError
 
 
