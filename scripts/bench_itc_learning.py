@@ -106,7 +106,10 @@ def build_ours(a, vocab_size, max_len):
 
 
 class OpenCLIP(torch.nn.Module):
-    """open_clip's CLIP with our encode_image/encode_text/loss interface."""
+    """open_clip's CLIP with our encode_image/encode_text/loss interface. --open_clip_text ours swaps its text
+    transformer for our dual encoder's text tower (models/dual_encoder.py:OurTextTower, our init, its [CLS]
+    through a width^-0.5 projection), built after the rest so the image tower starts from the same draws as
+    the plain open_clip run of the seed: a diagnostic of which tower carries a difference."""
 
     def __init__(self, a, vocab_size, max_len):
         super().__init__()
@@ -121,11 +124,22 @@ class OpenCLIP(torch.nn.Module):
                          init_logit_scale=math.log(10) if siglip else math.log(1 / 0.07),
                          init_logit_bias=a.oc_siglip_bias if siglip else None)
         self.loss = a.loss
+        self.our_text = None
+        if a.open_clip_text == "ours":
+            from models.dual_encoder import OurTextTower
+
+            del self.clip.transformer, self.clip.token_embedding, self.clip.ln_final
+            self.clip.positional_embedding = self.clip.text_projection = None
+            self.our_text = OurTextTower(vocab_size, a.width, a.depth, a.heads, max_len=max_len)
+            self.our_text_proj = torch.nn.Linear(a.width, a.width, bias=False)
+            torch.nn.init.normal_(self.our_text_proj.weight, std=a.width ** -0.5)
 
     def encode_image(self, images):
         return self.clip.encode_image(images, normalize=True)
 
     def encode_text(self, ids, masks):
+        if self.our_text is not None:
+            return F.normalize(self.our_text_proj(self.our_text(ids, masks)), dim=-1)
         return self.clip.encode_text(ids, normalize=True)
 
     @property
@@ -148,7 +162,7 @@ def optimizer(model, a):
     biases and the logit scale)."""
     if isinstance(model, OpenCLIP):
         skip = lambda n, p: p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n  # noqa: E731
-        trainable = [(n, p) for n, p in model.clip.named_parameters() if p.requires_grad]
+        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         groups = [{"params": [p for n, p in trainable if not skip(n, p)], "weight_decay": a.wd},
                   {"params": [p for n, p in trainable if skip(n, p)], "weight_decay": 0.0}]
     else:
@@ -275,6 +289,8 @@ def main():
                         "modes/image_text_itc.py:fresh_image_pos_gain)")
     p.add_argument("--image_tower_kwargs", default="{}", help="dual_encoder: extra timm kwargs (JSON)")
     p.add_argument("--skip_open_clip", action="store_true", help="train ours only (quick experiments)")
+    p.add_argument("--open_clip_text", default="open_clip", choices=["open_clip", "ours"],
+                   help="the open_clip model's text tower: its own, or (a diagnostic) our dual encoder's")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--log_every", type=int, default=0)
     a = p.parse_args()
@@ -283,7 +299,7 @@ def main():
     tok = WordTokenizer([t.format(n) for t in TEMPLATES + [PROMPT] for n in NAMES])
     print(f"config: arch {a.arch} pool {a.pool} loss {a.loss} {a.depth}x{a.width} heads {a.heads} patch {a.patch} "
           f"img {a.img_size} steps {a.steps} batch {a.batch} lr {a.lr} wd {a.wd} clip_grad {a.clip_grad} "
-          f"seeds {a.seeds}; train {len(data[0])} / held-out {len(data[2])} digits; chance ln(B) "
+          f"seeds {a.seeds} open_clip_text {a.open_clip_text}; train {len(data[0])} / held-out {len(data[2])} digits; chance ln(B) "
           f"{math.log(a.batch):.4f}", flush=True)
     keys = ["img_spread0", "txt_spread0", "final_loss", "zero_shot", "i2t_r1", "t2i_r1"]
     runs = []
