@@ -299,8 +299,8 @@ def main():
     tok = WordTokenizer([t.format(n) for t in TEMPLATES + [PROMPT] for n in NAMES])
     print(f"config: arch {a.arch} pool {a.pool} loss {a.loss} {a.depth}x{a.width} heads {a.heads} patch {a.patch} "
           f"img {a.img_size} steps {a.steps} batch {a.batch} lr {a.lr} wd {a.wd} clip_grad {a.clip_grad} "
-          f"seeds {a.seeds} open_clip_text {a.open_clip_text}; train {len(data[0])} / held-out {len(data[2])} digits; chance ln(B) "
-          f"{math.log(a.batch):.4f}", flush=True)
+          f"seeds {a.seeds} open_clip_text {a.open_clip_text}; train {len(data[0])} / held-out {len(data[2])} "
+          f"digits; chance ln(B) {math.log(a.batch):.4f}", flush=True)
     keys = ["img_spread0", "txt_spread0", "final_loss", "zero_shot", "i2t_r1", "t2i_r1"]
     runs = []
     for seed in a.seeds:
