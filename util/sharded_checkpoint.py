@@ -249,6 +249,21 @@ def names_to_ids(osd):
     return {"state": {number[n]: s for n, s in osd["state"].items()}, "param_groups": groups}
 
 
+def regrouped(osd, optimizer):
+    """`osd` (an optimizer.state_dict()) in `optimizer`'s grouping when both name the same parameters but group
+    them differently (a checkpoint written under an earlier weight-decay rule, util.optim_factory): each moment
+    follows its parameter's name, the groups' hyperparameters are this run's. Returned unchanged otherwise."""
+    current = optimizer.state_dict()
+    saved_names = [g.get("param_names") for g in osd["param_groups"]]
+    names = [g.get("param_names") for g in current["param_groups"]]
+    if None in saved_names or None in names or saved_names == names or \
+            sorted(n for g in saved_names for n in g) != sorted(n for g in names for n in g):
+        return osd
+    by_name = ids_to_names(osd)["state"]
+    number = {n: i for g in current["param_groups"] for i, n in zip(g["params"], g["param_names"])}
+    return {"state": {number[n]: s for n, s in by_name.items()}, "param_groups": current["param_groups"]}
+
+
 def optimizer_state(module, optimizer):
     """The optimizer state keyed by parameter name, as a sharded checkpoint stores it (DTensors under FSDP)."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
@@ -280,7 +295,7 @@ def load_optimizer_state(ckpt, module, optimizer):
             raise ValueError(f"it has state for parameters this run does not train: {sorted(set(osd['state']) - names)[:3]}")
         set_optimizer_state_dict(module, optimizer, osd, options=StateDictOptions(full_state_dict=True))
     else:
-        optimizer.load_state_dict(ckpt["optimizer"])
+        optimizer.load_state_dict(regrouped(ckpt["optimizer"], optimizer))
 
 
 def full_model_state(module):
