@@ -59,7 +59,8 @@ def test_resume_optimizer_state_saved_with_other_groups():
     sum(p.pow(2).sum() for p in model.parameters() if p.requires_grad).backward()  # a gradient on every one
     old.step()
     saved = old.state_dict()
-    expected = {n: old.state[p]["exp_avg"].clone() for g in old.param_groups for n, p in zip(g["param_names"], g["params"])}
+    expected = {n: old.state[p]["exp_avg"].clone()
+                for g in old.param_groups for n, p in zip(g["param_names"], g["params"])}
     new = build_adamw(model, 1e-3, 0.1)
     load_optimizer_state({"optimizer": saved}, model, new)
     by_name = {n: p for n, p in model.named_parameters()}
