@@ -9,8 +9,8 @@ from models.lora import LoRALinear
 
 _SHARED = [r"blocks\.\d+\.norm1\.", r"blocks\.\d+\.attn\.(qkv|proj)\.", r"blocks\.\d+\.attn\.[qv]_bias$",
            r"blocks\.\d+\.gamma_[12]$", r"blocks\.\d+\.(norm2|mlp)\.", r"norm\.", r"token_type_embeddings\."]
-_IMAGE = [r"patch_embed\.", r"cls_token$", r"image_pos_embed$", r"blocks\.\d+\.attn\.relative_position_bias_table$",
-          r"blocks\.\d+\.(norm2|mlp)_imag\."]
+_IMAGE = [r"patch_embed\.", r"cls_token$", r"image_pos_embed$", r"image_pre_norm\.",
+          r"blocks\.\d+\.attn\.relative_position_bias_table$", r"blocks\.\d+\.(norm2|mlp)_imag\."]
 _TEXT = [r"text_embeddings\.", r"blocks\.\d+\.(norm2|mlp)_text\.",
          r"blocks\.\d+\.attn\.text_relative_position_bias_table$"]
 _TOWERS = {"image": _IMAGE, "text": _TEXT}

@@ -45,6 +45,11 @@ class VLMo(nn.Module):
         # bag of patches (scripts/bench_itc_learning.py: 0.91 -> 0.97 zero-shot, open_clip 0.97).
         self.image_pos_embed = (nn.Parameter(torch.zeros(1, self.patch_embed.num_patches, dim))
                                 if c["image_pos_embed"] else None)
+        # A LayerNorm over the image tokens (CLS and patches, positions added) before the first block (config
+        # image_pre_norm, open_clip's ln_pre). Off in the registry and in BEiT/VLMo weights (which have none: a
+        # loaded model keeps their function); a fresh image_text_itc model turns it on (ImageTextITC.
+        # fresh_model_overrides), see there for the measurements.
+        self.image_pre_norm = LayerNorm(dim) if c["image_pre_norm"] else None
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.text_embeddings = TextEmbeddings(c["vocab_size"], dim, c["max_text_len"], drop=c["drop_rate"],
                                               positions=c["text_pos"])
@@ -146,7 +151,8 @@ class VLMo(nn.Module):
         if self.image_pos_embed is not None:
             x = x + (self.config["image_pos_gain"] * self.image_pos_embed).type_as(x)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).type_as(x), x], dim=1)
-        return self._with_token_type(x, 1)
+        x = self._with_token_type(x, 1)
+        return x if self.image_pre_norm is None else self.image_pre_norm(x)
 
     def embed_text(self, text_ids):
         """text_ids [B, L] -> [B, L, D] tokens entering the blocks."""

@@ -66,6 +66,9 @@ IMAGE_POS_STEP = 0.03  # gain x peak lr of a fresh image_text_itc run
 IMAGE_POS_GAIN_RANGE = (10.0, 30.0)
 
 
+FRESH_IMAGE_PRE_NORM = True
+
+
 def fresh_image_pos_gain(lr, log=None):
     """The image position gain of a fresh multiway model trained for this mode at peak `lr`, said to `log`:
     IMAGE_POS_STEP / lr within IMAGE_POS_GAIN_RANGE. ImageTextITC.fresh_model_overrides applies it when nothing is loaded
@@ -165,10 +168,14 @@ class ImageTextITC(PretrainMode):
         return {"itc_loss": self.args.itc_loss, "itc_pool": self.args.itc_pool}
 
     def fresh_model_overrides(self, settable):
-        """A fresh multiway model's image positions learn at fresh_image_pos_gain(lr) x the base rate."""
-        if "image_pos_gain" not in settable:  # set by --model_kwargs, or a dual encoder
-            return {}
-        return {"image_pos_gain": fresh_image_pos_gain(self.args.lr, LOG.info)}
+        """A fresh multiway model's image positions learn at fresh_image_pos_gain(lr) x the base rate, and its image
+        tokens pass a LayerNorm before the first block (image_pre_norm; see FRESH_IMAGE_PRE_NORM)."""
+        out = {}
+        if "image_pos_gain" in settable:  # not set by --model_kwargs, and not a dual encoder
+            out["image_pos_gain"] = fresh_image_pos_gain(self.args.lr, LOG.info)
+        if "image_pre_norm" in settable:
+            out["image_pre_norm"] = FRESH_IMAGE_PRE_NORM
+        return out
 
     def init_fresh(self, backbone, loaded, global_batch):
         """A SigLIP bias no checkpoint provided starts at --siglip_bias_init (see siglip_prior_bias)."""

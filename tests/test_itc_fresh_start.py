@@ -15,7 +15,7 @@ from custom_datasets.image_dataset import ResizedCropView
 from main_pretrain_cook import model_overrides, parse_args
 from models.contrastive import embedding_spread, siglip_chance_loss, siglip_prior_bias
 from models.loading import load_weights, model_for_resume
-from models.registry import create_model, model_from_config
+from models.registry import create_model, model_from_config, switches_of
 from modes import get_mode
 from modes.image_text_itc import ImageTextITC, fresh_image_pos_gain
 from util.errors import UserError
@@ -202,3 +202,47 @@ def test_a_fresh_model_takes_the_position_gain_of_its_lr_and_a_loaded_one_the_re
     assert gain(True, "--lr", "1e-3", "--model_kwargs", '{"image_pos_gain": 7}') == 7
     assert gain(True, "--lr", "1e-3", "--mim_target", "pixel", mode="image_mim", data="images_train") is None
     assert gain(True, "--lr", "1e-3", mode="text_mlm", data="captions_train") is None
+
+
+def test_image_pre_norm_is_on_for_a_fresh_itc_model_only(demo_data):
+    """image_text_itc turns the image tokens' LayerNorm on for a fresh model; a loaded one, --model_kwargs and
+    every other mode keep the registry's (off: BEiT and VLMo weights have none)."""
+    def pre_norm(fresh, *extra, mode="image_text_itc", data="pairs_train"):
+        args = parse_args(["--exp_name", mode, "--data_path", str(demo_data[data]), "--model", "vlmo_tiny_patch16",
+                           "--lr", "1e-3", *extra])
+        overrides = model_overrides(args, argparse.Namespace(vocab_size=100), get_mode(args.mode)(args), fresh)
+        return create_model("vlmo_tiny_patch16", **overrides).image_pre_norm is not None
+
+    assert pre_norm(True) and not pre_norm(False)
+    assert not pre_norm(True, "--model_kwargs", '{"image_pre_norm": false}')
+    assert not pre_norm(True, mode="text_mlm", data="captions_train")
+    assert not pre_norm(True, "--mim_target", "pixel", mode="image_mim", data="images_train")
+    assert create_model("vlmo_tiny_patch16").image_pre_norm is None
+
+
+def test_image_pre_norm_normalises_the_tokens_and_follows_the_checkpoint():
+    """With the norm, every image token entering block 0 (CLS, masked and plain patches, positions added) has
+    zero mean and unit variance; a checkpoint rebuilds with it or without it as it was trained, and a config
+    written before the key means without."""
+    torch.manual_seed(0)
+    m = create_model("vlmo_tiny_patch16", image_pre_norm=True).eval()
+    with torch.no_grad():
+        m.image_pos_embed.normal_()
+        m.cls_token.mul_(50)
+        tokens = m.embed_image(torch.randn(3, 3, 32, 32), torch.tensor([[1, 0, 0, 1]] * 3))
+    torch.testing.assert_close(tokens.mean(-1), torch.zeros(3, 5), atol=1e-5, rtol=0)
+    torch.testing.assert_close(tokens.var(-1, unbiased=False), torch.ones(3, 5), atol=1e-3, rtol=0)
+    for config, has in ((m.config, True), ({k: v for k, v in m.config.items() if k != "image_pre_norm"}, False)):
+        assert (model_from_config(config).image_pre_norm is not None) == has
+        resumed = model_for_resume(config, "vlmo_tiny_patch16", {}, "ckpt.pth")
+        assert (resumed.image_pre_norm is not None) == has
+    resumed = model_for_resume(m.config, "vlmo_tiny_patch16", {}, "ckpt.pth")
+    resumed.load_state_dict(m.state_dict())  # strict
+    assert switches_of(m.config)["image_pre_norm"] is True  # a weights file's own architecture decides
+    from models.trainable import configure_trainable
+    configure_trainable(m, "text_mlm")
+    assert not any(p.requires_grad for p in m.image_pre_norm.parameters())
+    configure_trainable(m, "image_text_itc", lock_image=True)
+    assert not any(p.requires_grad for p in m.image_pre_norm.parameters())
+    configure_trainable(m, "image_text_itc")
+    assert all(p.requires_grad for p in m.image_pre_norm.parameters())

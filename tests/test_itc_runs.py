@@ -56,6 +56,7 @@ def test_lock_image_keeps_image_embeddings_bit_identical(demo_data, weights, tmp
                                                                         "--lora_rank", str(lora)]))
     ckpt = load_ckpt(os.path.join(out, "checkpoint-latest.pth"))
     assert ckpt["model_config"]["image_pos_gain"] == 10.0  # loaded weights at lr 1e-3: the registry's gain
+    assert ckpt["model_config"]["image_pre_norm"] is False  # and the architecture of the weights
     after = ckpt["model"]
     before = torch.load(weights, weights_only=True)["model"]
     assert torch.equal(_image_embeddings(before, demo_data), _image_embeddings(after, demo_data))
@@ -81,6 +82,7 @@ def test_clip_diagnostics_and_evaluation_equal_on_one_and_two_ranks(demo_data, t
     # evaluated on the whole image training sees (crop 1.0), recorded for the standalone evaluation below
     assert load_ckpt(ckpt)["image_preprocess"]["crop_pct"] == 1.0
     assert load_ckpt(ckpt)["model_config"]["image_pos_gain"] == pytest.approx(30.0)  # fresh at lr 1e-3
+    assert load_ckpt(ckpt)["model_config"]["image_pre_norm"] is True  # fresh: the image tokens' LayerNorm
     results = []
     for nproc in (1, 2):
         dst = str(tmp_path / f"eval{nproc}.json")

@@ -7,7 +7,7 @@ Names may carry a wrapper prefix (`backbone.blocks.3.attn.qkv.weight`).
 import re
 
 _EMBEDDINGS = ("patch_embed", "cls_token", "mask_token", "text_embeddings", "pos_embed",
-               "token_type_embeddings")
+               "token_type_embeddings", "image_pre_norm")
 _BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
 
 
