@@ -15,7 +15,8 @@ DUAL_ENCODER = "dual_encoder"
 _DEFAULTS = dict(img_size=224, patch_size=16, mlp_ratio=4.0, vocab_size=30522, max_text_len=196,
                  ffn_layout="multiway", drop_rate=0.0, drop_path_rate=0.0, mim_vocab_size=8192,
                  mim_target="dalle", itc_loss="clip", itc_pool="cls", image_pos_embed=True, image_pos_gain=10.0,
-                 image_pre_norm=False, text_pos="absolute", token_type_embed=False)
+                 image_pre_norm=False, image_rel_pos_init="zero", text_pos="absolute",
+                 token_type_embed=False)
 # Config keys added after checkpoints were written, with the value a checkpoint's model_config without the key
 # means (the architecture it was trained with).
 LEGACY_DEFAULTS = {"image_pos_embed": False, "image_pos_gain": 10.0, "image_pre_norm": False, "text_pos": "absolute",

@@ -15,6 +15,21 @@ def num_relative_buckets(grid_hw):
     return (2 * h - 1) * (2 * w - 1) + NUM_CLS_BUCKETS
 
 
+def locality_prior(grid_hw, num_heads):
+    """[buckets, heads] relative position table of a fresh model's image attention (config image_rel_pos_init
+    "local"): head h adds -2^-h x the Euclidean distance in patches between query and key (head 0 attends mostly
+    to its neighbours, the last ones nearly uniformly); the CLS buckets are 0. A soft convolutional prior from
+    the first step, as ConViT's locality init; BEiT's tables (loaded weights) and "zero" start without one."""
+    h, w = grid_hw
+    dy = torch.arange(2 * h - 1, dtype=torch.float32) - (h - 1)
+    dx = torch.arange(2 * w - 1, dtype=torch.float32) - (w - 1)
+    dist = (dy[:, None] ** 2 + dx[None, :] ** 2).sqrt().flatten()  # bucket order of build_relative_position_index
+    slopes = 2.0 ** -torch.arange(num_heads, dtype=torch.float32)
+    table = torch.zeros(num_relative_buckets(grid_hw), num_heads)
+    table[:dist.numel()] = -dist[:, None] * slopes[None, :]
+    return table
+
+
 def build_relative_position_index(grid_hw):
     """LongTensor[N+1, N+1] of bucket ids for a (h, w) grid with CLS at position 0."""
     h, w = grid_hw

@@ -10,9 +10,11 @@ from models.heads import MLMHead
 from models.layers import trunc_normal_
 from models.lora import LoRALinear, self_regularization_loss
 from models.multiway_block import LayerNorm, MultiwayBlock
+from models.relative_position import locality_prior
 
 ITC_LOSSES = ("clip", "siglip")
 ITC_POOLS = ("cls", "mean")
+REL_POS_INITS = ("zero", "local")
 # image_pos_embed is added to the patch tokens as config["image_pos_gain"] * parameter: the parameter starts at zero
 # (a model loaded from BEiT, which has none, computes exactly BEiT's function) and learns at that multiple of the
 # base rate (Adam moves a parameter ~lr per step whatever its gradient's scale; a zero start at the base rate
@@ -33,6 +35,8 @@ class VLMo(nn.Module):
             raise ValueError(f"itc_loss must be one of {ITC_LOSSES}, got {c['itc_loss']!r}")
         if c["itc_pool"] not in ITC_POOLS:
             raise ValueError(f"itc_pool must be one of {ITC_POOLS}, got {c['itc_pool']!r}")
+        if c["image_rel_pos_init"] not in REL_POS_INITS:
+            raise ValueError(f"image_rel_pos_init must be one of {REL_POS_INITS}, got {c['image_rel_pos_init']!r}")
         if c["mim_target"] not in MIM_TARGETS:
             raise ValueError(f"mim_target must be one of {MIM_TARGETS}, got {c['mim_target']!r}")
         dim = c["embed_dim"]
@@ -94,9 +98,10 @@ class VLMo(nn.Module):
         steps (scripts/bench_itc_learning.py, 4 x 128 SigLIP CLS, seed 2: zero-shot 0.537, step-0 gradient
         norm 406; with attn.proj at fan-in scale: 0.974, spread 0.086, gradient norm 70). The patch embedding is
         fan-in scaled too (patch tokens of unit scale, like the LayerNorm-ed text tokens); the ITC projections use
-        CLIP's width^-0.5. Tokens, embedding tables and the MLM/MIM heads keep std 0.02, the relative
-        position tables stay zero (BEiT's). BEiT's own init (std 0.02 everywhere, proj/fc2 divided by
-        sqrt(2(i+1)), layer scale 0.1) leaves a 64-512 wide model's blocks adding ~1e-3 to a constant CLS
+        CLIP's width^-0.5. Tokens, embedding tables and the MLM/MIM heads keep std 0.02; the image relative
+        position tables start at zero (BEiT's) or, config image_rel_pos_init "local" (a fresh image_text_itc
+        model), at models/relative_position.py:locality_prior; the text tables stay zero. BEiT's own init
+        (std 0.02 everywhere, proj/fc2 divided by sqrt(2(i+1)), layer scale 0.1) leaves a 64-512 wide model's blocks adding ~1e-3 to a constant CLS
         token, so the CLS embedding is input-independent at init (mean cosine similarity of a batch's
         embeddings 0.9996 image, 1.0000 text) and CLS-pooled ITC sits at ln(batch) with zero gradient.
         The layer scale gammas start at config["layer_scale_init"] (set by MultiwayBlock), 1.0 in the registry:
@@ -127,6 +132,10 @@ class VLMo(nn.Module):
         std = fan_in_std(self.patch_embed.proj.weight)
         trunc_normal_(self.patch_embed.proj.weight, std=std, a=-2 * std, b=2 * std)
         nn.init.zeros_(self.patch_embed.proj.bias)
+        if self.config["image_rel_pos_init"] == "local":
+            prior = locality_prior(self.grid_hw, self.config["num_heads"])
+            for block in self.blocks:
+                block.attn.relative_position_bias_table.data.copy_(prior)
         for proj in (self.itc_image_proj, self.itc_text_proj):  # CLIP's init: std = width^-0.5
             nn.init.normal_(proj.weight, std=proj.in_features ** -0.5)
 

@@ -83,11 +83,16 @@ def captions(labels, gen):
 # ------------------------------------------------------------------ models
 
 
+# What image_text_itc sets for a fresh multiway model (ImageTextITC.fresh_model_overrides), unless a flag does.
+FRESH_KEYS = ("image_pos_gain", "image_pre_norm", "image_rel_pos_init")
+
+
 def build_ours(a, vocab_size, max_len):
     # what main_pretrain_cook does for a fresh model: the mode's fresh overrides, the SigLIP bias at the prior
     mode = ImageTextITC(argparse.Namespace(siglip_bias_init=a.siglip_bias_init, lr=a.lr))
-    explicit = {k: v for k, v in (("layer_scale_init", a.layer_scale_init), ("image_pos_gain", a.image_pos_gain))
-                if v is not None}
+    explicit = {k: v for k, v in (("layer_scale_init", a.layer_scale_init), ("image_pos_gain", a.image_pos_gain),
+                                  ("image_pre_norm", None if a.image_pre_norm is None else bool(a.image_pre_norm)),
+                                  ("image_rel_pos_init", a.image_rel_pos_init)) if v is not None}
     if a.arch == "dual_encoder":
         m = create_model("dual_encoder", image_tower="vit_tiny_patch16_224", text_tower="ours",
                          embed_dim=a.width, itc_loss=a.loss, img_size=a.img_size, vocab_size=vocab_size,
@@ -99,7 +104,7 @@ def build_ours(a, vocab_size, max_len):
         m = create_model("vlmo_tiny_patch16", embed_dim=a.width, depth=a.depth, num_heads=a.heads,
                          patch_size=a.patch, img_size=a.img_size, vocab_size=vocab_size, max_text_len=max_len,
                          vl_start=a.depth, itc_pool=a.pool, itc_loss=a.loss,
-                         **mode.fresh_model_overrides({"image_pos_gain"} - set(explicit)), **explicit)
+                         **mode.fresh_model_overrides(set(FRESH_KEYS) - set(explicit)), **explicit)
     configure_trainable(m, "image_text_itc")
     mode.init_fresh(m, set(), a.batch)
     return m
@@ -287,6 +292,12 @@ def main():
     p.add_argument("--image_pos_gain", type=float, default=None,
                    help="ours (multiway model): image_pos_gain override (default: what a fresh run at --lr takes, "
                         "modes/image_text_itc.py:fresh_image_pos_gain)")
+    p.add_argument("--image_pre_norm", type=int, default=None, choices=[0, 1],
+                   help="ours (multiway model): 1/0 turns the LayerNorm before the first block on/off (default: what "
+                        "a fresh run takes, modes/image_text_itc.py:FRESH_IMAGE_PRE_NORM)")
+    p.add_argument("--image_rel_pos_init", default=None, choices=["zero", "local"],
+                   help="ours (multiway model): the image relative position tables' init (default: what a fresh "
+                        "run takes, modes/image_text_itc.py:FRESH_IMAGE_REL_POS_INIT)")
     p.add_argument("--image_tower_kwargs", default="{}", help="dual_encoder: extra timm kwargs (JSON)")
     p.add_argument("--skip_open_clip", action="store_true", help="train ours only (quick experiments)")
     p.add_argument("--open_clip_text", default="open_clip", choices=["open_clip", "ours"],

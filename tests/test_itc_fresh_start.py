@@ -211,13 +211,34 @@ def test_image_pre_norm_is_on_for_a_fresh_itc_model_only(demo_data):
         args = parse_args(["--exp_name", mode, "--data_path", str(demo_data[data]), "--model", "vlmo_tiny_patch16",
                            "--lr", "1e-3", *extra])
         overrides = model_overrides(args, argparse.Namespace(vocab_size=100), get_mode(args.mode)(args), fresh)
-        return create_model("vlmo_tiny_patch16", **overrides).image_pre_norm is not None
+        m = create_model("vlmo_tiny_patch16", **overrides)
+        local = m.config["image_rel_pos_init"] == "local"
+        assert local == bool(m.blocks[0].attn.relative_position_bias_table.any())
+        return m.image_pre_norm is not None, local
 
-    assert pre_norm(True) and not pre_norm(False)
-    assert not pre_norm(True, "--model_kwargs", '{"image_pre_norm": false}')
-    assert not pre_norm(True, mode="text_mlm", data="captions_train")
-    assert not pre_norm(True, "--mim_target", "pixel", mode="image_mim", data="images_train")
+    assert pre_norm(True) == (True, True) and pre_norm(False) == (False, False)
+    assert pre_norm(True, "--model_kwargs", '{"image_pre_norm": false, "image_rel_pos_init": "zero"}') == (
+        False, False)
+    assert pre_norm(True, mode="text_mlm", data="captions_train") == (False, False)
+    assert pre_norm(True, "--mim_target", "pixel", mode="image_mim", data="images_train") == (False, False)
     assert create_model("vlmo_tiny_patch16").image_pre_norm is None
+
+
+def test_locality_prior_is_minus_the_patch_distance_scaled_per_head():
+    """image_rel_pos_init "local": the bias of head h between two patches is -2^-h x their Euclidean distance
+    in patches (checked from the patches' coordinates, through the model's own bucket index); CLS rows and
+    columns are 0. "zero" (the registry's, BEiT's) starts every table at 0; other values are refused."""
+    m = create_model("vlmo_tiny_patch16", img_size=48, patch_size=16, num_heads=4, image_rel_pos_init="local")
+    bias = m.blocks[1].attn.relative_position_bias().detach()  # [heads, 1 + 9, 1 + 9]
+    rows, cols = torch.meshgrid(torch.arange(3.0), torch.arange(3.0), indexing="ij")
+    xy = torch.stack([rows.flatten(), cols.flatten()], -1)
+    dist = torch.cdist(xy, xy)
+    for h in range(4):
+        torch.testing.assert_close(bias[h, 1:, 1:], -dist / 2 ** h)
+    assert not bias[:, 0].any() and not bias[:, :, 0].any()
+    assert not create_model("vlmo_tiny_patch16").blocks[0].attn.relative_position_bias_table.any()
+    with pytest.raises(ValueError, match="image_rel_pos_init"):
+        create_model("vlmo_tiny_patch16", image_rel_pos_init="random")
 
 
 def test_image_pre_norm_normalises_the_tokens_and_follows_the_checkpoint():

@@ -83,6 +83,7 @@ def test_clip_diagnostics_and_evaluation_equal_on_one_and_two_ranks(demo_data, t
     assert load_ckpt(ckpt)["image_preprocess"]["crop_pct"] == 1.0
     assert load_ckpt(ckpt)["model_config"]["image_pos_gain"] == pytest.approx(30.0)  # fresh at lr 1e-3
     assert load_ckpt(ckpt)["model_config"]["image_pre_norm"] is True  # fresh: the image tokens' LayerNorm
+    assert load_ckpt(ckpt)["model_config"]["image_rel_pos_init"] == "local"  # and the locality prior
     results = []
     for nproc in (1, 2):
         dst = str(tmp_path / f"eval{nproc}.json")
