@@ -88,7 +88,9 @@ def test_clip_diagnostics_and_evaluation_equal_on_one_and_two_ranks(demo_data, t
     for nproc in (1, 2):
         dst = str(tmp_path / f"eval{nproc}.json")
         run_entry("util/eval_itc.py", ["--checkpoint", ckpt, "--val_data_path", str(demo_data["pairs_val"]),
-                                       "--zeroshot_data_path", str(demo_data["images_val"]), "--num_workers", "0",
+                                       "--zeroshot_data_path", str(demo_data["images_val"]),
+                                       "--zeroshot_classnames", str(demo_data["classnames"]),
+                                       "--zeroshot_templates", str(demo_data["templates"]), "--num_workers", "0",
                                        "--batch_size", "5", "--out", dst], nproc=nproc)
         results.append(json.load(open(dst)))
     assert results[0] == results[1]
