@@ -43,7 +43,8 @@ DEFAULT_MODEL = "vlmo_base_patch16"
 BEST = "checkpoint-best.pth"
 # Backbone settings a run inherits from its checkpoint's model_config unless a flag says otherwise.
 _INHERITED_CONFIG = ("ffn_layout", "itc_loss", "max_text_len", "vocab_size", "mim_target", "mim_vocab_size",
-                     "image_pos_embed", "image_pos_gain", "image_pre_norm", "text_pos", "token_type_embed", "vl_start")
+                     "image_pos_embed", "image_pos_gain", "image_pre_norm", "text_pos", "token_type_embed",
+                     "vl_start")
 
 
 def get_args_parser():

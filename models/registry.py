@@ -19,8 +19,11 @@ _DEFAULTS = dict(img_size=224, patch_size=16, mlp_ratio=4.0, vocab_size=30522, m
                  token_type_embed=False)
 # Config keys added after checkpoints were written, with the value a checkpoint's model_config without the key
 # means (the architecture it was trained with).
-LEGACY_DEFAULTS = {"image_pos_embed": False, "image_pos_gain": 10.0, "image_pre_norm": False, "text_pos": "absolute",
-                   "token_type_embed": False}
+LEGACY_DEFAULTS = {"image_pos_embed": False, "image_pos_gain": 10.0, "image_pre_norm": False,
+                   "text_pos": "absolute", "token_type_embed": False}
+# image_pre_norm (a LayerNorm over the image tokens before block 0) and image_rel_pos_init ("zero" or "local", the
+# image relative position tables' init) are off here, as in BEiT; a fresh image_text_itc model turns both on
+# (modes/image_text_itc.py:FRESH_IMAGE_PRE_NORM).
 # text_pos: "absolute" (BERT position embeddings) or "relative" (VLMo: a 1-D text relative position bias per layer,
 # no position table); token_type_embed: VLMo's modality embedding. Both come from converted VLMo checkpoints
 # (util/convert_vlmo_ckpt.py); a weights file's model_config decides them unless --model_kwargs does.

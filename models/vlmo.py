@@ -101,9 +101,10 @@ class VLMo(nn.Module):
         CLIP's width^-0.5. Tokens, embedding tables and the MLM/MIM heads keep std 0.02; the image relative
         position tables start at zero (BEiT's) or, config image_rel_pos_init "local" (a fresh image_text_itc
         model), at models/relative_position.py:locality_prior; the text tables stay zero. BEiT's own init
-        (std 0.02 everywhere, proj/fc2 divided by sqrt(2(i+1)), layer scale 0.1) leaves a 64-512 wide model's blocks adding ~1e-3 to a constant CLS
-        token, so the CLS embedding is input-independent at init (mean cosine similarity of a batch's
-        embeddings 0.9996 image, 1.0000 text) and CLS-pooled ITC sits at ln(batch) with zero gradient.
+        (std 0.02 everywhere, proj/fc2 divided by sqrt(2(i+1)), layer scale 0.1) leaves a 64-512 wide model's
+        blocks adding ~1e-3 to a constant CLS token, so the CLS embedding is input-independent at init (mean
+        cosine similarity of a batch's embeddings 0.9996 image, 1.0000 text) and CLS-pooled ITC sits at ln(batch)
+        with zero gradient.
         The layer scale gammas start at config["layer_scale_init"] (set by MultiwayBlock), 1.0 in the registry:
         a fresh model learns best without attenuation (0.1, BEiT's value, cost ~10 points of zero-shot accuracy
         in scripts/bench_itc_learning.py); converted BEiT weights bring their own trained gammas.

@@ -66,17 +66,13 @@ IMAGE_POS_STEP = 0.03  # gain x peak lr of a fresh image_text_itc run
 IMAGE_POS_GAIN_RANGE = (10.0, 30.0)
 
 
-# A fresh multiway model for this mode (nothing loaded; --model_kwargs wins) gets two image-path settings the
-# registry keeps off, so that loaded BEiT/VLMo weights compute exactly their function: a LayerNorm over the image
-# tokens before the first block (image_pre_norm, open_clip's ln_pre: the shared attention then sees image tokens of
-# the same statistics as the LayerNorm-ed text tokens) and a locality prior in the image relative position tables
-# (image_rel_pos_init "local", models/relative_position.py:locality_prior: a zero table learns ~lr per step, too
-# slowly to give a short run any geometry; ConViT's soft convolutional prior). scripts/bench_itc_learning.py, 4 x
-# 128, patch 8, CLIP, CLS pooling, zero-shot top-1 on held-out digits over seeds 0-9: neither 0.9831, pre-norm
-# 0.9861, both 0.9881; open_clip 0.9885 (seeds 0-2: 0.9839 / 0.9870 / 0.9895 against 0.9895). Tried and not
-# kept (10 seeds unless said): image_pos_gain 100 0.9852 (with pre-norm 0.9844, seeds 0-4); the position gradient
-# taken at gain 1 (it was 70% of the clipped gradient norm) with pre-norm 0.9854; a relative-table gain of 10 with
-# pre-norm 0.9863 (seeds 0-4); no relative bias 0.9837.
+# A fresh multiway model here (nothing loaded; --model_kwargs wins) gets two image-path settings that the registry
+# keeps off (BEiT/VLMo weights keep their function): a LayerNorm over the image tokens before block 0 (image_pre_norm,
+# open_clip's ln_pre) and a locality prior in the image relative position tables (image_rel_pos_init "local",
+# models/relative_position.py:locality_prior; a zero table moves ~lr per step, too slowly to give a short run any
+# geometry). scripts/bench_itc_learning.py, 4 x 128, patch 8, CLIP, CLS, zero-shot top-1 on held-out digits, seeds
+# 0-9: neither 0.9831, pre-norm 0.9861, both 0.9881, open_clip 0.9885 (seeds 0-2: 0.9839 / 0.9870 / 0.9895 vs
+# 0.9895). Not kept: image_pos_gain 100 (0.9852; with pre-norm 0.9844, seeds 0-4), no relative bias (0.9837).
 FRESH_IMAGE_PRE_NORM = True
 FRESH_IMAGE_REL_POS_INIT = "local"
 

@@ -42,8 +42,8 @@ from util.resume import ResumePlan
 
 DISTILL_LOSSES = ("mse", "contrastive", "both")
 # Architecture keys of a multiway teacher the student keeps (its vocabulary and text length are the run's).
-_KEEP = ARCHITECTURE_KEYS + ("img_size", "image_pos_embed", "image_pos_gain", "image_pre_norm", "itc_loss", "itc_pool",
-                             "layer_scale_init")
+_KEEP = ARCHITECTURE_KEYS + ("img_size", "image_pos_embed", "image_pos_gain", "image_pre_norm", "itc_loss",
+                             "itc_pool", "layer_scale_init")
 
 
 @register_mode
