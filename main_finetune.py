@@ -15,7 +15,7 @@ from custom_datasets.finetune_data import resolve_image_preprocess, resolve_toke
 from engine_pretrain import stop_for_preemption, Trainer, evaluate, run_config, train_one_epoch
 from models.loading import check_architecture
 from models.checkpointing import apply_block_options
-from models.registry import backbone_names, create_model, model_config, recorded_config
+from models.registry import LEGACY_DEFAULTS, backbone_names, create_model, model_config, recorded_config
 from models.vlmo import ITC_LOSSES
 from tasks import all_tasks, get_task, task_names
 from tasks.base import (GLOBAL_POOLS, FinetuneModel, WeightEma, discard_pretraining_heads, load_backbone_weights,
@@ -41,10 +41,10 @@ from util.run_common import (RunPosition, wrap_ddp, autocast_setup, entry_point,
 DEFAULT_TOKENIZER = "checkpoints/tokenizer/"
 DEFAULT_MODEL = "vlmo_base_patch16"
 BEST = "checkpoint-best.pth"
-# Backbone settings a run inherits from its checkpoint's model_config unless a flag says otherwise.
+# Backbone settings a run inherits from its checkpoint's model_config unless a flag says otherwise (every switch
+# that checkpoints record, LEGACY_DEFAULTS, among them).
 _INHERITED_CONFIG = ("ffn_layout", "itc_loss", "max_text_len", "vocab_size", "mim_target", "mim_vocab_size",
-                     "image_pos_embed", "image_pos_gain", "image_pre_norm", "text_pos", "token_type_embed",
-                     "vl_start")
+                     "vl_start") + tuple(LEGACY_DEFAULTS)
 
 
 def get_args_parser():

@@ -23,7 +23,7 @@ LEGACY_DEFAULTS = {"image_pos_embed": False, "image_pos_gain": 10.0, "image_pre_
                    "text_pos": "absolute", "token_type_embed": False}
 # image_pre_norm (a LayerNorm over the image tokens before block 0) and image_rel_pos_init ("zero" or "local", the
 # image relative position tables' init) are off here, as in BEiT; a fresh image_text_itc model turns both on
-# (modes/image_text_itc.py:FRESH_IMAGE_PRE_NORM).
+# (modes/image_text_itc.py:FRESH_IMAGE_PATH).
 # text_pos: "absolute" (BERT position embeddings) or "relative" (VLMo: a 1-D text relative position bias per layer,
 # no position table); token_type_embed: VLMo's modality embedding. Both come from converted VLMo checkpoints
 # (util/convert_vlmo_ckpt.py); a weights file's model_config decides them unless --model_kwargs does.

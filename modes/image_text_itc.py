@@ -73,8 +73,7 @@ IMAGE_POS_GAIN_RANGE = (10.0, 30.0)
 # geometry). scripts/bench_itc_learning.py, 4 x 128, patch 8, CLIP, CLS, zero-shot top-1 on held-out digits, seeds
 # 0-9: neither 0.9831, pre-norm 0.9861, both 0.9881, open_clip 0.9885 (seeds 0-2: 0.9839 / 0.9870 / 0.9895 vs
 # 0.9895). Not kept: image_pos_gain 100 (0.9852; with pre-norm 0.9844, seeds 0-4), no relative bias (0.9837).
-FRESH_IMAGE_PRE_NORM = True
-FRESH_IMAGE_REL_POS_INIT = "local"
+FRESH_IMAGE_PATH = {"image_pre_norm": True, "image_rel_pos_init": "local"}
 
 
 def fresh_image_pos_gain(lr, log=None):
@@ -178,14 +177,10 @@ class ImageTextITC(PretrainMode):
     def fresh_model_overrides(self, settable):
         """A fresh multiway model's image positions learn at fresh_image_pos_gain(lr) x the base rate, and its image
         tokens pass a LayerNorm before the first block and its image attention starts with a locality prior
-        (image_pre_norm, image_rel_pos_init; see FRESH_IMAGE_PRE_NORM)."""
-        out = {}
-        if "image_pos_gain" in settable:  # not set by --model_kwargs, and not a dual encoder
+        (FRESH_IMAGE_PATH); only keys in `settable` (not set by --model_kwargs, and not a dual encoder's)."""
+        out = {k: v for k, v in FRESH_IMAGE_PATH.items() if k in settable}
+        if "image_pos_gain" in settable:
             out["image_pos_gain"] = fresh_image_pos_gain(self.args.lr, LOG.info)
-        if "image_pre_norm" in settable:
-            out["image_pre_norm"] = FRESH_IMAGE_PRE_NORM
-        if "image_rel_pos_init" in settable:
-            out["image_rel_pos_init"] = FRESH_IMAGE_REL_POS_INIT
         return out
 
     def init_fresh(self, backbone, loaded, global_batch):

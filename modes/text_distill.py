@@ -31,7 +31,7 @@ from custom_datasets.parallel_text import ParallelCollator, ParallelTextDataset
 from models.contrastive import clip_loss
 from models.dual_encoder import OURS, is_dual_encoder_config
 from models.loading import load_weights
-from models.registry import ARCHITECTURE_KEYS, model_from_config, recorded_config
+from models.registry import ARCHITECTURE_KEYS, LEGACY_DEFAULTS, model_from_config, recorded_config
 from modes import register_mode
 from modes.base import PretrainData, PretrainMode
 from util.checkpoint import extract_state_dict, load_file
@@ -42,8 +42,7 @@ from util.resume import ResumePlan
 
 DISTILL_LOSSES = ("mse", "contrastive", "both")
 # Architecture keys of a multiway teacher the student keeps (its vocabulary and text length are the run's).
-_KEEP = ARCHITECTURE_KEYS + ("img_size", "image_pos_embed", "image_pos_gain", "image_pre_norm", "itc_loss",
-                             "itc_pool", "layer_scale_init")
+_KEEP = ARCHITECTURE_KEYS + tuple(LEGACY_DEFAULTS) + ("img_size", "itc_loss", "itc_pool", "layer_scale_init")
 
 
 @register_mode

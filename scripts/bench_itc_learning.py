@@ -33,7 +33,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from models.contrastive import clamp_logit_scale_, clip_loss, contrastive_loss, siglip_loss  # noqa: E402
-from models.registry import create_model  # noqa: E402
+from models.registry import create_model, model_options  # noqa: E402
 from models.trainable import configure_trainable  # noqa: E402
 from modes.image_text_itc import ImageTextITC  # noqa: E402
 from util.optim_factory import param_groups  # noqa: E402
@@ -83,10 +83,6 @@ def captions(labels, gen):
 # ------------------------------------------------------------------ models
 
 
-# What image_text_itc sets for a fresh multiway model (ImageTextITC.fresh_model_overrides), unless a flag does.
-FRESH_KEYS = ("image_pos_gain", "image_pre_norm", "image_rel_pos_init")
-
-
 def build_ours(a, vocab_size, max_len):
     # what main_pretrain_cook does for a fresh model: the mode's fresh overrides, the SigLIP bias at the prior
     mode = ImageTextITC(argparse.Namespace(siglip_bias_init=a.siglip_bias_init, lr=a.lr))
@@ -104,7 +100,8 @@ def build_ours(a, vocab_size, max_len):
         m = create_model("vlmo_tiny_patch16", embed_dim=a.width, depth=a.depth, num_heads=a.heads,
                          patch_size=a.patch, img_size=a.img_size, vocab_size=vocab_size, max_text_len=max_len,
                          vl_start=a.depth, itc_pool=a.pool, itc_loss=a.loss,
-                         **mode.fresh_model_overrides(set(FRESH_KEYS) - set(explicit)), **explicit)
+                         **mode.fresh_model_overrides(set(model_options("vlmo_tiny_patch16")) - set(explicit)),
+                         **explicit)
     configure_trainable(m, "image_text_itc")
     mode.init_fresh(m, set(), a.batch)
     return m
@@ -294,10 +291,10 @@ def main():
                         "modes/image_text_itc.py:fresh_image_pos_gain)")
     p.add_argument("--image_pre_norm", type=int, default=None, choices=[0, 1],
                    help="ours (multiway model): 1/0 turns the LayerNorm before the first block on/off (default: what "
-                        "a fresh run takes, modes/image_text_itc.py:FRESH_IMAGE_PRE_NORM)")
+                        "a fresh run takes, modes/image_text_itc.py:FRESH_IMAGE_PATH)")
     p.add_argument("--image_rel_pos_init", default=None, choices=["zero", "local"],
                    help="ours (multiway model): the image relative position tables' init (default: what a fresh "
-                        "run takes, modes/image_text_itc.py:FRESH_IMAGE_REL_POS_INIT)")
+                        "run takes, modes/image_text_itc.py:FRESH_IMAGE_PATH)")
     p.add_argument("--image_tower_kwargs", default="{}", help="dual_encoder: extra timm kwargs (JSON)")
     p.add_argument("--skip_open_clip", action="store_true", help="train ours only (quick experiments)")
     p.add_argument("--open_clip_text", default="open_clip", choices=["open_clip", "ours"],

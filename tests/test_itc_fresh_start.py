@@ -16,6 +16,7 @@ from main_pretrain_cook import model_overrides, parse_args
 from models.contrastive import embedding_spread, siglip_chance_loss, siglip_prior_bias
 from models.loading import load_weights, model_for_resume
 from models.registry import create_model, model_from_config, switches_of
+from models.trainable import configure_trainable
 from modes import get_mode
 from modes.image_text_itc import ImageTextITC, fresh_image_pos_gain
 from util.errors import UserError
@@ -260,7 +261,6 @@ def test_image_pre_norm_normalises_the_tokens_and_follows_the_checkpoint():
     resumed = model_for_resume(m.config, "vlmo_tiny_patch16", {}, "ckpt.pth")
     resumed.load_state_dict(m.state_dict())  # strict
     assert switches_of(m.config)["image_pre_norm"] is True  # a weights file's own architecture decides
-    from models.trainable import configure_trainable
     configure_trainable(m, "text_mlm")
     assert not any(p.requires_grad for p in m.image_pre_norm.parameters())
     configure_trainable(m, "image_text_itc", lock_image=True)
